@@ -1,0 +1,84 @@
+"""The runner's only ctypes: unshare, mount, umount2, pivot_root, sethostname, prctl.
+
+Python 3.11 has no os.unshare; everything the sandbox needs from the kernel that
+the os module lacks is wrapped here, raising OSError(errno) like the os module.
+libc is opened by its soname (find_library would fork ldconfig: slow).
+"""
+import ctypes
+import os
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+# <sched.h>
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# <sys/mount.h>
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+# <sys/prctl.h>
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                        ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong, ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+
+SYS_pivot_root = 155  # x86_64; glibc has no wrapper
+
+
+def _b(path):
+    return None if path is None else os.fsencode(path)
+
+
+def _check(result, *what):
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), *what)
+
+
+def unshare(flags):
+    _check(_libc.unshare(flags))
+
+
+def mount(source, target, fstype=None, flags=0, data=None):
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
+           os.fsdecode(target))
+
+
+def umount2(target, flags=0):
+    _check(_libc.umount2(_b(target), flags), os.fsdecode(target))
+
+
+def pivot_root(new_root, put_old):
+    _check(_libc.syscall(ctypes.c_long(SYS_pivot_root), ctypes.c_char_p(_b(new_root)),
+                         ctypes.c_char_p(_b(put_old))), os.fsdecode(new_root))
+
+
+def sethostname(name):
+    raw = name.encode()
+    _check(_libc.sethostname(raw, len(raw)))
+
+
+def prctl(option, arg2=0, arg3=0, arg4=0, arg5=0):
+    _check(_libc.prctl(option, arg2, arg3, arg4, arg5))
