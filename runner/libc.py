@@ -1,4 +1,5 @@
-"""The runner's only ctypes: unshare, mount, umount2, pivot_root, sethostname, prctl.
+"""The runner's only ctypes: unshare, mount, umount2, pivot_root, sethostname, prctl,
+open_tree and move_mount.
 
 Python 3.11 has no os.unshare; everything the sandbox needs from the kernel that
 the os module lacks is wrapped here, raising OSError(errno) like the os module.
@@ -82,3 +83,29 @@ def sethostname(name):
 
 def prctl(option, arg2=0, arg3=0, arg4=0, arg5=0):
     _check(_libc.prctl(option, arg2, arg3, arg4, arg5))
+
+
+# The new mount API: a bind-mount source cloned before pivot_root stays usable
+# after the old root is gone (a plain MS_BIND from a detached tree is EINVAL).
+SYS_open_tree = 428
+SYS_move_mount = 429
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+
+def open_tree(path, flags, dirfd=AT_FDCWD):
+    fd = _libc.syscall(ctypes.c_long(SYS_open_tree), ctypes.c_int(dirfd),
+                       ctypes.c_char_p(_b(path)), ctypes.c_uint(flags))
+    _check(fd, os.fsdecode(path))
+    return fd
+
+
+def move_mount(from_fd, target, flags=MOVE_MOUNT_F_EMPTY_PATH):
+    _check(_libc.syscall(ctypes.c_long(SYS_move_mount), ctypes.c_int(from_fd),
+                         ctypes.c_char_p(b""), ctypes.c_int(AT_FDCWD),
+                         ctypes.c_char_p(_b(target)), ctypes.c_uint(flags)),
+           os.fsdecode(target))

@@ -1,0 +1,72 @@
+"""`unionfs run`: the command line of the runner (loaded lazily by unionfs.cli).
+
+Every option error is one line on stderr and exit status 2; a run that cannot
+be carried out is one line and status 1; otherwise the status is the
+command's own (127 not found, 126 not executable, 128+N killed by signal N).
+"""
+import click
+
+from .plan import PlanError, build_plan
+
+RUN_USAGE = ("unionfs run --lower DIR [--lower DIR ...] [--upper DIR --work DIR] [OPTIONS] "
+             "-- CMD [ARG ...]")
+
+
+class RunUsageError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"unionfs run: {self.format_message()} (usage: {RUN_USAGE})", err=True)
+
+
+class RunFailure(click.ClickException):
+    exit_code = 1
+
+    def show(self, file=None):
+        click.echo(f"unionfs run: {self.format_message()}", err=True)
+
+
+class RunCommand(click.Command):
+    """Turns click's multi-line usage errors into one line."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            raise RunUsageError(e.format_message()) from None
+
+
+@click.command(cls=RunCommand, context_settings={"allow_interspersed_args": False,
+                                                 "help_option_names": ["--help"]})
+@click.option("--lower", "lowers", multiple=True, metavar="DIR",
+              help="A read-only layer; repeat, top layer first.")
+@click.option("--upper", metavar="DIR", help="The writable layer (default: a throwaway one).")
+@click.option("--work", metavar="DIR", help="Work dir for --upper, on the same filesystem.")
+@click.option("--rootfs", metavar="DIR",
+              help="Use DIR (e.g. an already mounted stack) as the root; no union is mounted.")
+@click.option("--hostname", default="unionfs", show_default=True)
+@click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE",
+              help="Set a variable (KEY alone: take the host's value).")
+@click.option("-w", "--workdir", default="/", metavar="DIR", help="Working directory inside.")
+@click.option("-u", "--user", metavar="UID[:GID]", help="Run the command as this user.")
+@click.option("--net", default="none", metavar="none|host",
+              help="none: only loopback (default); host: the host's network.")
+@click.option("-v", "--volume", "volumes", multiple=True, metavar="SRC:DST[:ro]",
+              help="Bind-mount a host path into the container.")
+@click.option("--keep", is_flag=True, help="Keep the throwaway upper layer and print where.")
+@click.argument("command", nargs=-1, metavar="-- CMD [ARG ...]")
+def run(lowers, upper, work, rootfs, hostname, env, workdir, user, net, volumes, keep, command):
+    """Run CMD in new namespaces on a root made of the layers (first --lower on top)."""
+    try:
+        plan = build_plan(command, lowers=lowers, upper=upper, work=work, rootfs=rootfs,
+                          hostname=hostname, env=env, workdir=workdir, user=user, net=net,
+                          volumes=volumes, keep=keep)
+    except PlanError as e:
+        raise RunUsageError(str(e)) from None
+    from .run import RunError, execute
+    try:
+        status = execute(plan, announce=lambda message: click.echo(
+            f"unionfs run: {message}", err=True))
+    except RunError as e:
+        raise RunFailure(str(e)) from None
+    raise SystemExit(status)

@@ -1,0 +1,151 @@
+"""What a run will do, as pure data: options checked and turned into a Plan.
+
+Nothing here touches the kernel. Every problem found is a PlanError with a
+one-line message, raised before anything is mounted or started, so that a bad
+option never leaves a mount or a process behind.
+"""
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NETWORK_MODES = ("none", "host")
+# Host device nodes bind-mounted into the container's fresh /dev. Binding (not
+# mknod) works the same with and without a user namespace.
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+class PlanError(ValueError):
+    """A bad option or argument (one line)."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    source: str       # absolute host path
+    target: str       # absolute path inside the container
+    read_only: bool = False
+    is_dir: bool = True
+
+
+@dataclass(frozen=True)
+class Plan:
+    argv: tuple
+    lowers: tuple = ()          # top layer first
+    upper: str | None = None    # None: a throwaway upper (and work) dir
+    work: str | None = None
+    rootfs: str | None = None   # an already mounted tree, used as is (no union)
+    hostname: str = "unionfs"
+    env: tuple = ()             # ((KEY, VALUE), ...), in order
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    net: str = "none"
+    volumes: tuple = ()
+    keep: bool = False
+    rootless: bool = field(default_factory=lambda: os.geteuid() != 0)
+
+    @property
+    def environ(self):
+        return dict(self.env)
+
+
+def parse_env(items, host_env=None):
+    """KEY=VALUE items (KEY alone takes the host's value, as docker does)."""
+    host_env = os.environ if host_env is None else host_env
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root"}
+    if "TERM" in host_env:
+        env["TERM"] = host_env["TERM"]
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not key or "\0" in item:
+            raise PlanError(f"bad -e {item!r}: expected KEY=VALUE")
+        if not sep:
+            if key not in host_env:
+                continue
+            value = host_env[key]
+        env[key] = value
+    return tuple(env.items())
+
+
+def parse_user(spec):
+    """UID[:GID] (numeric; a name would need the image's /etc/passwd)."""
+    if spec is None:
+        return 0, 0
+    uid_text, _, gid_text = spec.partition(":")
+    try:
+        uid = int(uid_text)
+        gid = int(gid_text) if gid_text else 0
+    except ValueError:
+        raise PlanError(f"bad -u {spec!r}: expected numeric UID[:GID]") from None
+    if not (0 <= uid < 2**32 - 1 and 0 <= gid < 2**32 - 1):
+        raise PlanError(f"bad -u {spec!r}: out of range")
+    return uid, gid
+
+
+def parse_volume(spec, cwd=None):
+    parts = spec.split(":")
+    read_only = False
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        read_only = parts[2] == "ro"
+        parts = parts[:2]
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise PlanError(f"bad -v {spec!r}: expected SRC:DST[:ro]")
+    source, target = parts
+    if not os.path.isabs(target):
+        raise PlanError(f"bad -v {spec!r}: DST must be an absolute path")
+    source = os.path.abspath(os.path.join(cwd or os.getcwd(), source))
+    if not os.path.exists(source):
+        raise PlanError(f"bad -v {spec!r}: {source} does not exist")
+    return Volume(source, os.path.normpath(target), read_only, os.path.isdir(source))
+
+
+def _existing_dir(path, what):
+    full = os.path.abspath(path)
+    if not os.path.isdir(full):
+        raise PlanError(f"{what} {path}: not a directory")
+    return full
+
+
+def _check_layer_path(path, what):
+    # fuse-overlayfs-style option strings cannot carry these characters.
+    if any(c in path for c in ":,\n"):
+        raise PlanError(f"{what} {path}: ':' ',' and newlines are not supported in layer paths")
+    return path
+
+
+def build_plan(argv, lowers=(), upper=None, work=None, rootfs=None, hostname="unionfs",
+               env=(), workdir="/", user=None, net="none", volumes=(), keep=False,
+               host_env=None, rootless=None):
+    """Check every option and return a Plan, or raise PlanError."""
+    if not argv:
+        raise PlanError("missing command: unionfs run [OPTIONS] -- CMD [ARG ...]")
+    if rootfs is not None and lowers:
+        raise PlanError("--rootfs and --lower exclude each other")
+    if rootfs is None and not lowers:
+        raise PlanError("missing --lower DIR (at least one layer)")
+    if (upper is None) != (work is None):
+        raise PlanError("--upper and --work go together")
+    if rootfs is not None and (upper or keep):
+        raise PlanError("--upper/--work/--keep need a layer stack (--lower)")
+    if net not in NETWORK_MODES:
+        raise PlanError(f"bad --net {net!r}: expected one of {', '.join(NETWORK_MODES)}")
+    if not hostname or len(hostname) > 64 or "/" in hostname or "\0" in hostname:
+        raise PlanError(f"bad --hostname {hostname!r}")
+    if not workdir.startswith("/"):
+        raise PlanError(f"bad -w {workdir!r}: must be an absolute path")
+    lowers = tuple(_check_layer_path(_existing_dir(d, "--lower"), "--lower") for d in lowers)
+    if upper is not None:
+        upper = _check_layer_path(_existing_dir(upper, "--upper"), "--upper")
+        work = _check_layer_path(_existing_dir(work, "--work"), "--work")
+        if upper == work or work.startswith(upper + "/") or upper.startswith(work + "/"):
+            raise PlanError("--upper and --work must be separate directories")
+    if rootfs is not None:
+        rootfs = _existing_dir(rootfs, "--rootfs")
+    uid, gid = parse_user(user)
+    kwargs = {}
+    if rootless is not None:
+        kwargs["rootless"] = rootless
+    return Plan(
+        argv=tuple(argv), lowers=lowers, upper=upper, work=work, rootfs=rootfs,
+        hostname=hostname, env=parse_env(env, host_env), cwd=os.path.normpath(workdir),
+        uid=uid, gid=gid, net=net, volumes=tuple(parse_volume(v) for v in volumes),
+        keep=keep, **kwargs)

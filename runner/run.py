@@ -1,0 +1,86 @@
+"""One run, start to finish: mount the stack, start the sandbox, wait, tear down.
+
+Signals to the runner (SIGINT/SIGTERM/SIGHUP) go to the container's PID 1,
+which forwards them to the command; a second signal, or GRACE_SECONDS without
+an exit, kills the whole PID namespace. Teardown (unmount, server exit, state
+removal) runs in a `finally`, so it happens on every path the runner survives.
+"""
+import os
+import signal
+import sys
+
+from . import sandbox
+from .union import UnionError, UnionStack
+
+GRACE_SECONDS = 10
+
+
+class Interrupted(Exception):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class RunError(RuntimeError):
+    """The run could not be carried out (one line)."""
+
+
+def execute(plan, announce=None):
+    """Run `plan`; return the command's exit status (shell convention).
+
+    `announce(message)` receives notices for the user (kept upper dir).
+    """
+    keeper = None
+    keeper_reaped = False
+    forwarded = []
+
+    def on_signal(signum, frame):
+        if keeper is None:
+            raise Interrupted(signum)
+        if keeper_reaped:
+            return  # its pid may belong to someone else by now
+        if forwarded or signum == signal.SIGALRM:
+            os.kill(keeper, signal.SIGKILL)  # PID 1 dies with the keeper
+            return
+        forwarded.append(signum)
+        os.kill(keeper, signum)
+        signal.alarm(GRACE_SECONDS)
+
+    previous = {s: signal.signal(s, on_signal)
+                for s in (*sandbox.FORWARDED_SIGNALS, signal.SIGALRM)}
+    stack = None
+    try:
+        if plan.rootfs is not None:
+            root = plan.rootfs
+        else:
+            stack = UnionStack(plan)
+            root = stack.mount()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.pthread_sigmask(signal.SIG_BLOCK, sandbox.FORWARDED_SIGNALS)
+        try:
+            keeper = sandbox.start(plan, root)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, sandbox.FORWARDED_SIGNALS)
+        _, status = os.waitpid(keeper, 0)
+        keeper_reaped = True
+        return sandbox.exit_code_of(status)
+    except Interrupted as e:
+        return 128 + e.signum
+    except UnionError as e:
+        raise RunError(str(e)) from None
+    finally:
+        signal.alarm(0)
+        if stack is not None:
+            # No signal may cut the teardown short.
+            signal.pthread_sigmask(signal.SIG_BLOCK, sandbox.FORWARDED_SIGNALS)
+            try:
+                problems = stack.close()
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, sandbox.FORWARDED_SIGNALS)
+            for problem in problems:
+                sandbox.say(problem)
+            if plan.keep and stack.throwaway and not problems and announce:
+                announce(f"kept the upper layer in {stack.upper} (work dir {stack.work})")
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

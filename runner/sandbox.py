@@ -1,0 +1,240 @@
+"""The container's side of a run: namespaces, the new root, and the command's exec.
+
+Process tree (each arrow a plain fork, no new interpreter):
+
+    runner --fork--> keeper --fork--> init (PID 1) --fork--> command (exec)
+
+- keeper: unshares the namespaces (a user namespace too when rootless), makes
+  every mount private, forks init, forwards signals to it and exits with its
+  status. It exists because unshare(CLONE_NEWPID) only puts *children* in
+  the new PID namespace, while the runner must stay in the host's mount
+  namespace to unmount the union afterwards.
+- init: builds the root (see `setup_root`), then runs runner.init's PID 1 loop.
+- command: drops to the requested uid/gid and execs; exec failures become 127
+  (not found) or 126 (not executable) with a one-line message.
+
+Both keeper and init die with their parent (PR_SET_PDEATHSIG), so killing the
+keeper with SIGKILL takes the whole PID namespace down.
+
+Only os, signal and the small libc module are used here: this is the start-up
+path.
+"""
+import os
+import signal
+import sys
+
+from . import init as pid1
+from . import libc
+from .plan import DEVICES
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SETUP_FAILED = 1
+
+
+def say(message):
+    os.write(2, f"unionfs run: {message}\n".encode(errors="replace"))
+
+
+def exit_code_of(status):
+    """A wait status as a shell would report it: code, or 128+N for signal N."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def start(plan, root):
+    """Fork the keeper; return its pid. Call with FORWARDED_SIGNALS blocked."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        status = _keeper(plan, root, parent)
+    except BaseException as e:  # never return into the runner's code
+        say(f"cannot create the container: {_describe(e)}")
+        status = SETUP_FAILED
+    os._exit(status)
+
+
+def _describe(error):
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or error}{where}"
+    return str(error) or type(error).__name__
+
+
+def _die_with_parent(parent):
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(SETUP_FAILED)
+
+
+def _keeper(plan, root, parent):
+    _die_with_parent(parent)
+    host_uid, host_gid = os.geteuid(), os.getegid()
+    flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC
+    if plan.net == "none":
+        flags |= libc.CLONE_NEWNET
+    if plan.rootless:
+        flags |= libc.CLONE_NEWUSER
+    libc.unshare(flags)
+    if plan.rootless:
+        _write_file("/proc/self/setgroups", "deny")
+        _write_file("/proc/self/uid_map", f"{plan.uid} {host_uid} 1")
+        _write_file("/proc/self/gid_map", f"{plan.gid} {host_gid} 1")
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    child = os.fork()
+    if child == 0:
+        try:
+            _die_with_parent(0)  # the keeper is outside our PID namespace: ppid 0
+            status = _init(plan, root)
+        except BaseException as e:
+            say(f"cannot create the container: {_describe(e)}")
+            status = SETUP_FAILED
+        os._exit(status)
+
+    def forward(signum, frame):
+        os.kill(child, signum)
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+    _, status = os.waitpid(child, 0)
+    return exit_code_of(status)
+
+
+def _write_file(path, text):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _init(plan, root):
+    """PID 1: build the root, then start and watch the command."""
+    setup_root(plan, root)
+    libc.sethostname(plan.hostname)
+    libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+    _mkdirs(plan.cwd)
+    return pid1.run_command(lambda: _exec_command(plan), FORWARDED_SIGNALS)
+
+
+def _mkdirs(path, mode=0o755):
+    try:
+        os.makedirs(path, mode, exist_ok=True)
+    except FileExistsError:
+        pass
+
+
+def _touch(path):
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+
+def setup_root(plan, root):
+    """Switch to `root` and mount /proc, /dev, /sys, /tmp and the volumes there.
+
+    Host sources (device nodes, volumes) are cloned as detached mounts
+    (open_tree) before the switch and attached (move_mount) afterwards, so
+    every target path is resolved inside the new root: a symlink in the image
+    cannot point a mount, a mkdir or a new file at a host path.
+    """
+    clone = libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC
+    host_trees = {}
+    for name in DEVICES:
+        host_trees[f"/dev/{name}"] = libc.open_tree(f"/dev/{name}", clone)
+    for volume in plan.volumes:
+        host_trees[volume] = libc.open_tree(volume.source, clone | libc.AT_RECURSIVE)
+    sysfs_fallback = plan.rootless and plan.net == "host"
+    if sysfs_fallback:
+        host_trees["/sys"] = libc.open_tree("/sys", clone | libc.AT_RECURSIVE)
+
+    # The root must be a mount point of its own for pivot_root.
+    libc.mount(root, root, None, libc.MS_BIND | libc.MS_REC)
+    os.chdir(root)
+    try:
+        libc.pivot_root(".", ".")
+        libc.umount2(".", libc.MNT_DETACH)  # the old root, stacked on top
+    except OSError as e:
+        say(f"pivot_root impossible ({e.strerror}); using chroot, which is weaker "
+            "isolation (the host's mounts stay reachable from inside)")
+        os.chroot(".")
+    os.chdir("/")
+
+    nosuid_nodev_noexec = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+    _mkdirs("/proc")
+    libc.mount("proc", "/proc", "proc", nosuid_nodev_noexec)
+
+    _mkdirs("/dev")
+    libc.mount("tmpfs", "/dev", "tmpfs", libc.MS_NOSUID | libc.MS_STRICTATIME,
+               "mode=755,size=65536k")
+    for name in DEVICES:
+        target = f"/dev/{name}"
+        _touch(target)
+        libc.move_mount(host_trees[target], target)
+    os.mkdir("/dev/pts", 0o755)
+    devpts_options = "newinstance,ptmxmode=0666,mode=0620"
+    if not plan.rootless:
+        devpts_options += ",gid=5"
+    libc.mount("devpts", "/dev/pts", "devpts", libc.MS_NOSUID | libc.MS_NOEXEC, devpts_options)
+    os.symlink("pts/ptmx", "/dev/ptmx")
+    os.mkdir("/dev/shm", 0o1777)
+    libc.mount("tmpfs", "/dev/shm", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=1777")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"/dev/{name}")
+
+    _mkdirs("/sys")
+    if sysfs_fallback:
+        # Without its own network namespace a user namespace may not mount sysfs.
+        libc.move_mount(host_trees["/sys"], "/sys")
+        libc.mount(None, "/sys", None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
+                   | nosuid_nodev_noexec)
+    else:
+        libc.mount("sysfs", "/sys", "sysfs", libc.MS_RDONLY | nosuid_nodev_noexec)
+
+    _mkdirs("/tmp")
+    libc.mount("tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=1777")
+
+    for volume in plan.volumes:
+        if volume.is_dir:
+            _mkdirs(volume.target)
+        else:
+            _mkdirs(os.path.dirname(volume.target))
+            _touch(volume.target)
+        libc.move_mount(host_trees[volume], volume.target)
+        if volume.read_only:
+            libc.mount(None, volume.target, None,
+                       libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY)
+
+    for fd in host_trees.values():
+        os.close(fd)
+
+
+NOT_FOUND_ERRNOS = (2, 20)  # ENOENT, ENOTDIR
+
+
+def _exec_command(plan):
+    """In the command's process: drop privileges and exec. Never returns."""
+    try:
+        if not plan.rootless:
+            os.setgroups([])
+        os.setgid(plan.gid)
+        os.setuid(plan.uid)
+        os.chdir(plan.cwd)
+    except OSError as e:
+        say(f"cannot prepare the command: {_describe(e)}")
+        os._exit(SETUP_FAILED)
+    name = plan.argv[0]
+    try:
+        os.execvpe(name, list(plan.argv), plan.environ)
+    except OSError as e:
+        if e.errno in NOT_FOUND_ERRNOS:
+            say(f"{name}: command not found in the container")
+            os._exit(127)
+        say(f"{name}: cannot execute: {e.strerror}")
+        os._exit(126)
+    except BaseException as e:
+        say(f"{name}: cannot execute: {e}")
+        os._exit(126)
+    sys.exit(126)  # unreachable; keeps linters quiet

@@ -1,0 +1,214 @@
+"""The layer stack of one run: a private state dir, the union mount and its teardown.
+
+The union is served by a separate `unionfs mount -f` process (a FUSE server
+must never run inside the process that uses its mount). Keeping it in the
+foreground lets the runner own its pid: it waits for the mount to go live,
+and after unmounting it waits for the server to exit, so no server outlives a
+run. Every step of `close()` is tolerant, so it can run on any path.
+
+Debugging aid: UNIONFS_RUN_MOUNT_PROGRAM=/usr/bin/fuse-overlayfs (or any
+program taking `-f -o lowerdir=..,upperdir=..,workdir=.. MNT`) replaces unionfs.
+"""
+import os
+import shutil
+import signal
+import sys
+import time
+
+from . import libc
+from .plan import PlanError
+
+MOUNT_PROGRAM_ENV = "UNIONFS_RUN_MOUNT_PROGRAM"
+MOUNT_TIMEOUT = 30.0
+SERVER_EXIT_TIMEOUT = 10.0
+STATE_PREFIX = "unionfs-run-"
+
+
+class UnionError(RuntimeError):
+    """The union could not be mounted or taken down (one line)."""
+
+
+def make_state_dir():
+    """A fresh 0700 directory for this run (tempfile's import costs ~5 ms)."""
+    base = os.environ.get("TMPDIR") or "/tmp"
+    for attempt in range(1000):
+        path = os.path.join(base, f"{STATE_PREFIX}{os.getpid()}-{time.monotonic_ns() % 10**9}")
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+    raise UnionError(f"cannot create a state directory in {base}")
+
+
+def unionfs_program():
+    beside = os.path.join(os.path.dirname(sys.executable), "unionfs")
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("unionfs")
+    if not found:
+        raise UnionError("the unionfs program was not found")
+    return found
+
+
+def mount_command(lowers, upper, work, mountpoint):
+    override = os.environ.get(MOUNT_PROGRAM_ENV)
+    if override:
+        opts = f"lowerdir={':'.join(lowers)}"
+        if upper:
+            opts += f",upperdir={upper},workdir={work}"
+        return [override, "-f", "-o", opts, mountpoint]
+    argv = [unionfs_program(), "mount", "-f"]
+    for lower in lowers:
+        argv += ["--lower", lower]
+    if upper:
+        argv += ["--upper", upper, "--work", work]
+    return argv + [mountpoint]
+
+
+def is_mountpoint(path):
+    try:
+        return os.lstat(path).st_dev != os.lstat(os.path.dirname(path)).st_dev
+    except OSError:
+        return False
+
+
+class UnionStack:
+    """Mount a Plan's layers at STATE/root; close() undoes everything it did."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.state_dir = make_state_dir()
+        self.mountpoint = os.path.join(self.state_dir, "root")
+        self.log_path = os.path.join(self.state_dir, "server.log")
+        self.throwaway = plan.upper is None
+        if self.throwaway:
+            self.upper = os.path.join(self.state_dir, "upper")
+            self.work = os.path.join(self.state_dir, "work")
+        else:
+            self.upper, self.work = plan.upper, plan.work
+        self.server_pid = None
+        self.mounted = False
+
+    def mount(self):
+        os.mkdir(self.mountpoint, 0o755)
+        if self.throwaway:
+            os.mkdir(self.upper, 0o755)
+            os.mkdir(self.work, 0o700)
+        argv = mount_command(self.plan.lowers, self.upper, self.work, self.mountpoint)
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self.server_pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ], setsid=True)
+        except OSError as e:
+            raise UnionError(f"cannot start {argv[0]}: {e.strerror}") from None
+        finally:
+            os.close(log_fd)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        delay = 0.0005
+        while True:
+            pid, status = os.waitpid(self.server_pid, os.WNOHANG)
+            if pid:
+                self.server_pid = None
+                raise UnionError(f"mounting the layers failed: {self._log_tail()}")
+            if is_mountpoint(self.mountpoint):
+                self.mounted = True
+                return self.mountpoint
+            if time.monotonic() > deadline:
+                raise UnionError(f"the union was not mounted after {MOUNT_TIMEOUT:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def _log_tail(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                lines = [line.strip() for line in f if line.strip()]
+        except OSError:
+            lines = []
+        return lines[-1] if lines else "the server exited without a message"
+
+    def _unmount(self):
+        if not is_mountpoint(self.mountpoint):
+            self.mounted = False
+            return
+        if os.geteuid() == 0:
+            try:
+                libc.umount2(self.mountpoint)
+            except OSError:
+                libc.umount2(self.mountpoint, libc.MNT_DETACH)
+        else:
+            for flag in ("-u", "-uz"):
+                pid = os.posix_spawnp("fusermount3", ["fusermount3", flag, self.mountpoint],
+                                      os.environ)
+                if os.waitpid(pid, 0)[1] == 0:
+                    break
+        self.mounted = is_mountpoint(self.mountpoint)
+
+    def _stop_server(self):
+        if self.server_pid is None:
+            return
+        deadline = time.monotonic() + SERVER_EXIT_TIMEOUT
+        sent = None
+        while True:
+            pid, _ = os.waitpid(self.server_pid, os.WNOHANG)
+            if pid:
+                self.server_pid = None
+                return
+            now = time.monotonic()
+            if now > deadline and sent is None:
+                # A server that does not exit after its unmount is a bug; do
+                # not leave it behind.
+                sent = signal.SIGTERM
+                os.kill(self.server_pid, sent)
+                deadline = now + 2.0
+            elif now > deadline:
+                os.kill(self.server_pid, signal.SIGKILL)
+                os.waitpid(self.server_pid, 0)
+                self.server_pid = None
+                return
+            time.sleep(0.001)
+
+    def close(self):
+        """Unmount, stop the server, remove the state (or keep the upper). Idempotent."""
+        problems = []
+        try:
+            self._unmount()
+        except OSError as e:
+            problems.append(f"unmount {self.mountpoint}: {e.strerror}")
+        if self.mounted and self.server_pid is not None:
+            # Unmount failed: stopping the server aborts the connection.
+            os.kill(self.server_pid, signal.SIGTERM)
+        self._stop_server()
+        if self.mounted or is_mountpoint(self.mountpoint):
+            # Never delete through a live mount.
+            try:
+                libc.umount2(self.mountpoint, libc.MNT_DETACH)
+            except OSError as e:
+                problems.append(f"{self.mountpoint} is still mounted ({e.strerror})")
+                return problems
+        if self.plan.keep and self.throwaway:
+            for leftover in (self.mountpoint, self.log_path):
+                try:
+                    (os.rmdir if leftover == self.mountpoint else os.unlink)(leftover)
+                except OSError:
+                    pass
+        else:
+            _remove_tree(self.state_dir)
+        return problems
+
+
+def _remove_tree(path):
+    def make_writable_and_retry(func, failed, exc_info):
+        # Containers may leave 0500 directories behind; the owner can fix that.
+        try:
+            os.chmod(os.path.dirname(failed), 0o700)
+            func(failed)
+        except OSError:
+            pass
+    shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+__all__ = ["UnionStack", "UnionError", "PlanError", "MOUNT_PROGRAM_ENV"]
