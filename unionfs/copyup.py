@@ -1,0 +1,223 @@
+"""Copy one object into the upper layer: data, metadata, xattrs, atomically.
+
+The object is built under a temporary name in the workdir, made durable
+(fsync, unless volatile), then renamed into place, so no half-copied file is
+ever visible in upper; a crash leaves only workdir litter, removed at the next
+mount. Data goes by FICLONE, else copy_file_range, else sendfile, over data
+extents only (SEEK_DATA/SEEK_HOLE), so holes stay holes.
+
+This module touches the disk only, through fds it is given (and owns: a job's
+fds are dup'ed for it, so it can run in a worker thread while the event loop
+goes on). It never sees the node table.
+"""
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+from . import sysc, whiteout
+
+ORIGIN_XATTR = {whiteout.FORMAT_KERNEL: "trusted.unionfs.origin",
+                whiteout.FORMAT_OCI: "user.unionfs.origin"}
+
+
+def temp_name() -> bytes:
+    return b"#uf" + os.urandom(8).hex().encode()
+
+
+@dataclass
+class CopyJob:
+    src_dir: int          # fd (O_PATH) of the source's parent directory in its layer
+    name: bytes           # name in both source and destination parents
+    dst_dir: int          # fd of the upper parent directory
+    work_dir: int         # fd of the workdir (same filesystem as upper)
+    st: os.stat_result    # lstat of the source
+    origin: tuple | None  # identity key to record, or None
+    fmt: str              # whiteout format: decides the origin xattr's namespace
+    durable: bool         # fsync before rename
+
+    def close(self):
+        for fd in (self.src_dir, self.dst_dir, self.work_dir):
+            os.close(fd)
+
+
+def copy_xattrs(src_path: bytes, dst_path: bytes, follow: bool) -> None:
+    try:
+        names = os.listxattr(src_path, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for xname in names:
+        if whiteout.is_private_xattr(os.fsencode(xname)):
+            continue
+        try:
+            value = os.getxattr(src_path, xname, follow_symlinks=follow)
+            os.setxattr(dst_path, xname, value, follow_symlinks=follow)
+        except OSError as e:
+            # user.* xattrs are not allowed on symlinks and special files
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENODATA):
+                raise
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    try:
+        fcntl.ioctl(dst, sysc.FICLONE, src)
+        return
+    except OSError:
+        pass
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:   # only a hole is left
+                break
+            raise
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        _copy_range(src, dst, start, end)
+        pos = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    off = start
+    use_cfr = True
+    while off < end:
+        count = min(end - off, 1 << 30)
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src, dst, count, off, off)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                use_cfr = False
+                continue
+        else:
+            os.lseek(dst, off, os.SEEK_SET)
+            n = os.sendfile(dst, src, off, count)
+        if n == 0:
+            break
+        off += n
+
+
+def _finish_meta(job: CopyJob, tmp: bytes, fd: int | None) -> None:
+    """Owner, then mode (chown clears suid/sgid), then xattrs and times."""
+    st = job.st
+    is_link = stat.S_ISLNK(st.st_mode)
+    tmp_path = whiteout.entry_path(job.work_dir, tmp)
+    src_path = whiteout.entry_path(job.src_dir, job.name)
+    if fd is not None:
+        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    else:
+        os.chown(tmp, st.st_uid, st.st_gid, dir_fd=job.work_dir, follow_symlinks=False)
+        if not is_link:
+            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=job.work_dir)
+    copy_xattrs(src_path, tmp_path, follow=False)
+    if job.origin is not None:
+        try:
+            os.setxattr(tmp_path, ORIGIN_XATTR[job.fmt], struct.pack("<QQ", *job.origin),
+                        follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP):
+                raise
+    times = (st.st_atime_ns, st.st_mtime_ns)
+    if fd is not None:
+        os.utime(fd, ns=times)
+    else:
+        os.utime(tmp, ns=times, dir_fd=job.work_dir, follow_symlinks=False)
+
+
+def run(job: CopyJob) -> None:
+    """Copy job.name from src_dir into dst_dir; closes the job's fds."""
+    try:
+        _run(job)
+    finally:
+        job.close()
+
+
+def _run(job: CopyJob) -> None:
+    st = job.st
+    mode = st.st_mode
+    tmp = temp_name()
+    fd = None
+    try:
+        if stat.S_ISREG(mode):
+            src = sysc.openat2(job.src_dir, job.name, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                             dir_fd=job.work_dir)
+                copy_data(src, fd, st.st_size)
+            finally:
+                os.close(src)
+        elif stat.S_ISDIR(mode):
+            os.mkdir(tmp, 0o700, dir_fd=job.work_dir)
+        elif stat.S_ISLNK(mode):
+            target = os.readlink(job.name, dir_fd=job.src_dir)
+            os.symlink(target, tmp, dir_fd=job.work_dir)
+        else:   # FIFO, socket, device node: recreate as what it is
+            os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=job.work_dir)
+        _finish_meta(job, tmp, fd)
+        if fd is not None and job.durable:
+            os.fsync(fd)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+            fd = None
+        _remove(job.work_dir, tmp)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+    try:
+        sysc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, sysc.RENAME_NOREPLACE)
+    except BaseException:
+        _remove(job.work_dir, tmp)
+        raise
+    if job.durable and stat.S_ISDIR(mode):
+        pass  # the directory's entries are not data: no fsync needed for atomicity
+
+
+def _remove(dirfd: int, name: bytes) -> None:
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except IsADirectoryError:
+        os.rmdir(name, dir_fd=dirfd)
+    except FileNotFoundError:
+        pass
+
+
+def clean_workdir(work_dir: int) -> int:
+    """Remove everything left in the work directory by an earlier crash."""
+    count = 0
+    rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=work_dir)
+    try:
+        names = [os.fsencode(n) for n in os.listdir(rfd)]
+    finally:
+        os.close(rfd)
+    for name in names:
+        remove_tree(work_dir, name)
+        count += 1
+    return count
+
+
+def remove_tree(dirfd: int, name: bytes) -> None:
+    """rm -rf of dirfd/name without following symlinks."""
+    try:
+        os.unlink(name, dir_fd=dirfd)
+        return
+    except FileNotFoundError:
+        return
+    except (IsADirectoryError, PermissionError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.EISDIR, errno.EPERM):
+            raise
+    sub = sysc.openat2(dirfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for child in os.listdir(sub):
+            remove_tree(sub, os.fsencode(child))
+    finally:
+        os.close(sub)
+    os.rmdir(name, dir_fd=dirfd)

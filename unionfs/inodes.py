@@ -1,0 +1,89 @@
+"""The node table: union inode numbers <-> nodes, lookup counts and forget.
+
+A node is one object of the merged view. It is named by (parent, name) and
+remembers where it lives: the layer of its top object and, for a directory,
+every layer that merges into it. Its identity key is the (st_dev, st_ino) of
+its origin (the lower object it was copied up from, else its own), so the
+union's inode number is stable across copy-up and remount: the origin's real
+st_ino when every layer shares one filesystem (as the kernel reports), else a
+64-bit xxhash of the key, with collisions among live nodes detected.
+"""
+import struct
+
+import xxhash
+
+ROOT_INO = 1
+
+
+class Node:
+    __slots__ = ("ino", "key", "parent", "name", "kind", "layer", "layers", "lookups",
+                 "unlinked", "handles", "lower_nlink", "__weakref__")
+
+    def __init__(self, ino, key, parent, name, kind, layer, layers):
+        self.ino = ino
+        self.key = key
+        self.parent = parent
+        self.name = name
+        self.kind = kind            # stat.S_IFMT of the object
+        self.layer = layer          # layer index of the top object (0 = upper)
+        self.layers = layers        # directories: merged layers, top first
+        self.lookups = 0
+        self.unlinked = False
+        self.handles = 0            # open file handles (keeps an unlinked node alive)
+        self.lower_nlink = 0
+
+    def path(self) -> bytes:
+        parts = []
+        node = self
+        while node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return b"/".join(reversed(parts))
+
+    def __repr__(self):
+        return f"<Node {self.ino} {self.path()!r} layer={self.layer} layers={self.layers}>"
+
+
+class NodeTable:
+    def __init__(self, common_dev: int | None):
+        self.common_dev = common_dev
+        self.by_ino: dict[int, Node] = {}
+
+    def ino_for(self, key) -> int:
+        """The union inode number for an identity key, without collisions."""
+        dev, ino = key
+        if dev == self.common_dev and ino > ROOT_INO:
+            candidate = ino
+        else:
+            candidate = xxhash.xxh64_intdigest(struct.pack("<QQ", dev, ino))
+        seed = 0
+        while True:
+            if candidate > ROOT_INO:
+                node = self.by_ino.get(candidate)
+                if node is None or node.key == key:
+                    return candidate
+            seed += 1
+            candidate = xxhash.xxh64_intdigest(struct.pack("<QQ", dev, ino), seed=seed)
+
+    def get(self, ino: int) -> Node | None:
+        return self.by_ino.get(ino)
+
+    def add(self, node: Node) -> Node:
+        self.by_ino[node.ino] = node
+        return node
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.by_ino.get(ino)
+        if node is None or ino == ROOT_INO:
+            return
+        node.lookups -= count
+        if node.lookups <= 0 and node.handles <= 0:
+            del self.by_ino[ino]
+
+    def release_handle(self, node: Node) -> None:
+        node.handles -= 1
+        if node.lookups <= 0 and node.handles <= 0 and self.by_ino.get(node.ino) is node:
+            del self.by_ino[node.ino]
+
+    def __len__(self):
+        return len(self.by_ino)

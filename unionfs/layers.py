@@ -1,0 +1,168 @@
+"""Layers and the stack: opening layer roots, fd-relative probing, merge rules.
+
+Layer 0 is the upper (when there is one), 1.. the lowers, top first. A path
+inside a layer is always resolved with openat2(RESOLVE_BENEATH|NO_SYMLINKS)
+from the layer's root fd, so a hostile layer (``etc -> /etc``, ``x -> ../..``)
+can neither reveal nor change a host file: such a path simply does not exist.
+"""
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from . import sysc, whiteout
+
+# errors that mean "not in this layer" when probing a path
+ABSENT_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV, errno.ENAMETOOLONG)
+
+
+@dataclass
+class Layer:
+    index: int
+    path: str
+    fd: int                      # O_PATH|O_DIRECTORY fd of the root
+    dev: int
+    writable: bool = False
+
+    @classmethod
+    def open(cls, index: int, path: str, writable: bool = False) -> "Layer":
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return cls(index, path, fd, os.fstat(fd).st_dev, writable)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def open_dir(self, relpath: bytes) -> int:
+        """An O_PATH fd of directory relpath inside this layer; OSError if none."""
+        return sysc.openat2(self.fd, relpath or b".",
+                            os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+
+
+def lstat_at(dirfd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in ABSENT_ERRNOS:
+            return None
+        raise
+
+
+@dataclass
+class Found:
+    """Where a name resolves in the union: its top object and the merged dirs."""
+    layer: int                        # layer of the top (visible) object
+    st: os.stat_result                # its lstat
+    layers: tuple = ()                # for directories: layers that merge, top first
+    opaque_in_top: bool = False
+    lower_positive: bool = False      # some lower layer (below top) held the name
+
+
+def probe(layers: list, parent_layers, dirfd_of, name: bytes) -> Found | None:
+    """Resolve NAME in a merged directory.
+
+    parent_layers: indices of the layers in which the parent is a directory,
+    top first (already cut at an opaque layer). dirfd_of(layer) gives the
+    parent's fd in that layer. Applies the whiteout rules of both formats;
+    returns None when the name is absent or whited out.
+    """
+    found = None
+    merged = []
+    for li in parent_layers:
+        dfd = dirfd_of(li)
+        if dfd is None:
+            continue
+        st = lstat_at(dfd, name)
+        if st is not None:
+            if whiteout.is_whiteout(dfd, name, st):
+                break
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if found is None:
+                found = Found(li, st)
+                if not is_dir:
+                    break
+            elif not is_dir:
+                break
+            merged.append(li)
+            if _child_is_opaque(dfd, name):
+                if li == found.layer:
+                    found.opaque_in_top = True
+                break
+        # an OCI whiteout hides NAME in the layers below this one
+        if whiteout.has_oci_whiteout(dfd, name):
+            break
+    if found is not None and merged:
+        found.layers = tuple(merged)
+    return found
+
+
+def _child_is_opaque(dirfd: int, name: bytes) -> bool:
+    try:
+        fd = sysc.openat2(dirfd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno in ABSENT_ERRNOS:
+            return False
+        raise
+    try:
+        return whiteout.is_opaque_dir(fd)
+    finally:
+        os.close(fd)
+
+
+def lower_positive(parent_layers, dirfd_of, name: bytes, below: int) -> bool:
+    """Does any layer below index `below` show NAME (so removing it needs a whiteout)?"""
+    for li in parent_layers:
+        if li <= below:
+            continue
+        dfd = dirfd_of(li)
+        if dfd is None:
+            continue
+        st = lstat_at(dfd, name)
+        if st is not None:
+            return not whiteout.is_whiteout(dfd, name, st)
+        if whiteout.has_oci_whiteout(dfd, name):
+            return False
+    return False
+
+
+def list_names(dirfd_of, parent_layers):
+    """Merged names of a directory, in first-seen order, markers hidden.
+
+    Whiteouts found while listing prune lower layers; the caller still
+    confirms each name with probe() (xattr whiteouts need more than d_type).
+    """
+    seen = {}
+    hidden = set()
+    for li in parent_layers:
+        dfd = dirfd_of(li)
+        if dfd is None:
+            continue
+        rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+        layer_hidden = []
+        try:
+            with os.scandir(rfd) as it:
+                for entry in it:
+                    name = os.fsencode(entry.name)
+                    if name.startswith(whiteout.WH_PREFIX):
+                        target = whiteout.whited_out_name(name)
+                        if target is not None:
+                            layer_hidden.append(target)
+                        continue
+                    if name in seen or name in hidden:
+                        continue
+                    if _may_be_device(entry):
+                        st = entry.stat(follow_symlinks=False)
+                        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                            hidden.add(name)
+                            continue
+                    seen[name] = li
+        finally:
+            os.close(rfd)
+        hidden.update(layer_hidden)
+    return list(seen)
+
+
+def _may_be_device(entry: os.DirEntry) -> bool:
+    return not (entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False)
+                or entry.is_symlink())

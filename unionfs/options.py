@@ -1,0 +1,88 @@
+"""Mount options: parsing `-o` strings (fuse-overlayfs-compatible) into a config.
+
+Pure data, no side effects: validate.py checks the config against the disk.
+"""
+from dataclasses import dataclass, field
+
+# Generic mount(8) flags: accepted, and passed to the kernel where they mean something.
+GENERIC_FLAGS = {
+    "rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+    "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime",
+    "diratime", "nodiratime", "sync", "async", "dirsync", "mand", "nomand", "silent",
+    "loud", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev",
+    "nofail", "defaults", "allow_other", "allow_root", "default_permissions",
+    "iversion", "noiversion",
+}
+# Flags the kernel's FUSE mount takes from us.
+KERNEL_FLAGS = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+                "relatime", "strictatime", "lazytime", "sync", "async", "dirsync",
+                "diratime", "nodiratime"}
+# fuse-overlayfs options that make no difference here: accepted and ignored,
+# so that a command line written for fuse-overlayfs works unchanged.
+FUSE_OVERLAYFS_IGNORED = {
+    "context", "uidmapping", "gidmapping", "timeout", "threaded", "fast_ino", "writeback",
+    "noxattrs", "plugins", "xattr_permissions", "squash_to_root", "squash_to_uid",
+    "squash_to_gid", "static_nlink", "noacl", "fsync", "x-systemd.automount",
+    "max_read", "fsname", "subtype", "userxattr", "xino", "nfs_export", "index",
+    "redirect_dir", "metacopy", "uuid", "comment",
+}
+# `mount -o x-foo` style comments are always ignored.
+IGNORED_PREFIXES = ("x-", "comment=")
+
+
+class OptionError(ValueError):
+    """A wrong option: a usage error (exit status 2)."""
+
+
+@dataclass
+class MountConfig:
+    lowers: list = field(default_factory=list)
+    upper: str | None = None
+    work: str | None = None
+    mountpoint: str | None = None
+    source: str = "unionfs"
+    foreground: bool = False
+    debug: bool = False
+    volatile: bool = False
+    whiteout_format: str | None = None      # None: kernel form as root, OCI otherwise
+    flags: list = field(default_factory=list)   # kernel mount flags to pass on
+
+
+def split_options(text: str) -> list:
+    """Split `a=1,b,c=x:y` into items; empty items (`,,`) are skipped."""
+    return [item for item in text.split(",") if item.strip()]
+
+
+def apply_options(cfg: MountConfig, text: str) -> MountConfig:
+    for item in split_options(text):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if key == "lowerdir":
+            if not value:
+                raise OptionError("lowerdir= needs at least one directory")
+            # "::" separates data-only layers in the kernel; treat them as lowers
+            cfg.lowers.extend(p for p in value.replace("::", ":").split(":") if p)
+        elif key == "upperdir":
+            cfg.upper = value or None
+        elif key == "workdir":
+            cfg.work = value or None
+        elif key == "volatile":
+            cfg.volatile = True
+        elif key == "whiteout":
+            if value not in ("kernel", "oci"):
+                raise OptionError(f"whiteout= must be 'kernel' or 'oci', not {value!r}")
+            cfg.whiteout_format = value
+        elif key == "debug":
+            cfg.debug = True
+        elif key == "redirect_dir" and value not in ("", "off", "nofollow", "follow"):
+            raise OptionError(f"redirect_dir={value} is not supported (only off)")
+        elif key == "index" and value not in ("", "off"):
+            raise OptionError(f"index={value} is not supported (only off)")
+        elif key in GENERIC_FLAGS and not eq:
+            if key in KERNEL_FLAGS:
+                cfg.flags.append(key)
+        elif key in FUSE_OVERLAYFS_IGNORED or item.startswith(IGNORED_PREFIXES):
+            pass
+        else:
+            raise OptionError(f"unknown option {item!r}")
+    return cfg

@@ -1,0 +1,131 @@
+"""Whiteout and opaque-directory rules, in both on-disk formats.
+
+Reads every form a layer may hold:
+- kernel overlayfs: a char device 0/0 named NAME, or a zero-size regular file
+  with the xattr ``trusted.overlay.whiteout`` (or ``user.overlay.whiteout``);
+  a directory with ``trusted.overlay.opaque=y`` (or ``user.overlay.opaque=y``);
+- OCI image layers: an empty file ``.wh.NAME`` hides NAME in lower layers; a
+  file ``.wh..wh..opq`` makes its directory opaque.
+Writes the kernel form (needs CAP_MKNOD and trusted xattrs) or the OCI form.
+
+Everything here works on a directory fd plus a name, never on a path that
+could be resolved through a symlink.
+"""
+import errno
+import os
+import stat
+
+WH_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+
+FORMAT_KERNEL = "kernel"
+FORMAT_OCI = "oci"
+
+# xattrs that belong to the union's own bookkeeping and are never shown
+PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"trusted.unionfs.",
+                          b"user.unionfs.")
+
+
+def is_marker_name(name: bytes) -> bool:
+    """True for names that are on-disk markers and never visible in the union."""
+    return name.startswith(WH_PREFIX)
+
+
+def whited_out_name(name: bytes) -> bytes | None:
+    """For an OCI whiteout file name ``.wh.X`` return X, else None."""
+    if name.startswith(WH_PREFIX) and name != OPAQUE_MARKER:
+        return name[len(WH_PREFIX):] or None
+    return None
+
+
+def entry_path(dirfd: int, name: bytes) -> bytes:
+    # xattr calls take no dirfd; go through the fd's magic link, then lstat
+    # semantics on the last component (follow_symlinks=False).
+    return b"/proc/self/fd/%d/%s" % (dirfd, name)
+
+
+def fd_path(fd: int) -> bytes:
+    return b"/proc/self/fd/%d" % fd
+
+
+def _has_xattr(path: bytes, names, follow: bool, want: bytes | None = None) -> bool:
+    for xname in names:
+        try:
+            value = os.getxattr(path, xname, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                continue
+            raise
+        if want is None or value == want:
+            return True
+    return False
+
+
+def is_whiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
+    """Is the entry NAME (already lstat'ed as st) a whiteout in kernel form?"""
+    mode = st.st_mode
+    if stat.S_ISCHR(mode):
+        return st.st_rdev == 0
+    if stat.S_ISREG(mode) and st.st_size == 0:
+        return _has_xattr(entry_path(dirfd, name), WHITEOUT_XATTRS, follow=False)
+    return False
+
+
+def is_opaque_dir(dir_fd: int) -> bool:
+    """Is the directory open as dir_fd opaque (xattr form or OCI marker)?"""
+    if _has_xattr(fd_path(dir_fd), OPAQUE_XATTRS, follow=True, want=b"y"):
+        return True
+    try:
+        os.stat(OPAQUE_MARKER, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def has_oci_whiteout(dirfd: int, name: bytes) -> bool:
+    try:
+        os.stat(WH_PREFIX + name, dir_fd=dirfd, follow_symlinks=False)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return False
+        raise
+
+
+def make_whiteout(dirfd: int, name: bytes, fmt: str) -> None:
+    """Write a marker hiding NAME of lower layers (NAME itself must not exist)."""
+    if fmt == FORMAT_KERNEL:
+        os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dirfd)
+    else:
+        fd = os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o600, dir_fd=dirfd)
+        os.close(fd)
+
+
+def remove_oci_whiteout(dirfd: int, name: bytes) -> None:
+    try:
+        os.unlink(WH_PREFIX + name, dir_fd=dirfd)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+
+
+def make_opaque(dir_fd: int, fmt: str) -> None:
+    """Mark the directory open as dir_fd (an O_PATH or O_RDONLY fd) opaque."""
+    if fmt == FORMAT_KERNEL:
+        os.setxattr(fd_path(dir_fd), OPAQUE_XATTRS[0], b"y")
+    else:
+        fd = os.open(OPAQUE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
+        os.close(fd)
+
+
+def is_private_xattr(name: bytes) -> bool:
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
