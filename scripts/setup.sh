@@ -37,13 +37,11 @@ fi
 stamp="$VENV/.installed-$(cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e ".[test]"
+  "$VENV/bin/pip" install -q -e ".[test,bench]"
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
 for prog in unionfs fuse-unionfs; do
   ln -sfn "$VENV/bin/$prog" "/usr/local/bin/$prog"
 done
-# mount -t fuse.fuse-unionfs looks for mount.fuse3's helper by type name.
-[ -e /sbin/mount.fuse3 ] || true
 echo "setup: ready ($VENV)" >&2
