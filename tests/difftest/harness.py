@@ -1,0 +1,171 @@
+"""One differential run: a seed's stack and op sequence on kernel vs target.
+
+`run_seed` builds two copies of the seed's stack (the kernel's with OCI
+markers converted to kernel form), mounts both, applies the same ops to each
+and stops at the first divergence: an op result, the state around an op's
+paths, the whole merged tree at the end, inode-number relationships, readdir
+d_ino, and finally the target's upper (plus the lowers) remounted under the
+kernel, which must show the target's merged view. `first_divergence` bisects
+an end-of-run divergence down to the op that caused it.
+"""
+import os
+import random
+import shutil
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import generator, mounts, ops, tree
+
+
+@dataclass
+class Divergence:
+    seed: int
+    nops: int
+    target: str
+    where: str  # "op #i", "end of run", "initial view", "kernel remount of target upper"
+    op_index: int  # index of the op found to diverge (-1: before any op)
+    history: list  # (op, kernel_result, target_result) up to and including the failure
+    details: list = field(default_factory=list)
+
+    def report(self):
+        lines = [f"DIVERGENCE seed={self.seed} target={self.target} at {self.where}",
+                 f"replay: python -m tests.difftest.replay {self.seed} --ops {self.nops} "
+                 f"--target {self.target}"]
+        for i, (op, ra, rb) in enumerate(self.history):
+            mark = ">>" if i == self.op_index else "  "
+            if ra == rb:
+                lines.append(f"{mark} #{i} {op!r} -> {ra!r}")
+            else:
+                lines.append(f"{mark} #{i} {op!r}\n       kernel: {ra!r}\n       {self.target}: {rb!r}")
+        lines += ["details:"] + [f"  {d}" for d in self.details[:60]]
+        if len(self.details) > 60:
+            lines.append(f"  ... {len(self.details) - 60} more")
+        return "\n".join(lines)
+
+
+def build_stacks(seed, workdir, target):
+    workdir = Path(workdir)
+    ref = generator.generate_stack(seed, workdir / "kernel")
+    for layer in ref.lowers + [ref.upper]:
+        generator.convert_oci_to_kernel(layer)
+    tgt = generator.generate_stack(seed, workdir / "target")
+    if target == "kernel":  # kernel vs kernel: a self-check of the harness
+        for layer in tgt.lowers + [tgt.upper]:
+            generator.convert_oci_to_kernel(layer)
+    return ref, tgt
+
+
+def _lower_only(paths, upper):
+    """Names whose object at the start comes from a lower layer (its st_ino is never freed)."""
+    return [p for p in paths if p and not os.path.lexists(Path(upper) / p)]
+
+
+def run_seed(seed, nops, workdir, target="unionfs", remount_check=True, deadline=120.0,
+             ignore=()):
+    """Run one seed; return None if both sides agree, else the first Divergence.
+
+    `ignore` names describe() keys (e.g. "nlink") left out of every comparison.
+    """
+    ref, tgt = build_stacks(seed, workdir, target)
+    rng = random.Random(f"difftest-ops-{seed}")
+    history = []
+
+    def diverged(where, index, details):
+        return Divergence(seed, nops, target, where, index, history, details)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mounts.kernel_overlay(ref.lowers, ref.upper, ref.work, ref.mnt))
+        stack.enter_context(mounts.mount_target(target, tgt, deadline))
+        ref0, ref0_inos, _ = tree.snapshot(ref.mnt)
+        tgt0, tgt0_inos, dino = tree.snapshot(tgt.mnt)
+        if target == "kernel":
+            dino = []  # the kernel's merged dirs break d_ino == st_ino; only FUSE targets owe it
+        details = (tree.compare_entries(ref0, tgt0, "kernel", target, ignore)
+                   + tree.compare_ino_groups(ref0_inos, tgt0_inos, "kernel", target) + dino)
+        if details:
+            return diverged("initial view", -1, details)
+        eligible = _lower_only(ref0, ref.upper)
+
+        for i in range(nops):
+            op = ops.choose_op(rng, ops.list_names(ref.mnt), i)
+            ra = ops.run_op(ref.mnt, op)
+            rb = ops.run_op(tgt.mnt, op)
+            history.append((op, ra, rb))
+            if ra != rb:
+                return diverged(f"op #{i}", i, [f"result: kernel={ra!r} {target}={rb!r}"])
+            paths = ops.op_paths(op)
+            details = tree.compare_entries(ops.local_state(ref.mnt, paths),
+                                           ops.local_state(tgt.mnt, paths), "kernel", target,
+                                           ignore)
+            if details:
+                return diverged(f"op #{i} (state after it)", i, details)
+
+        ref1, ref1_inos, _ = tree.snapshot(ref.mnt)
+        tgt1, tgt1_inos, dino = tree.snapshot(tgt.mnt)
+        if target == "kernel":
+            dino = []
+        details = (tree.compare_entries(ref1, tgt1, "kernel", target, ignore)
+                   + tree.compare_ino_groups(ref1_inos, tgt1_inos, "kernel", target)
+                   + tree.compare_stability(ref0_inos, ref1_inos, tgt0_inos, tgt1_inos,
+                                            eligible, "kernel", target)
+                   + dino)
+        if details:
+            return diverged("end of run", len(history) - 1, details)
+
+    if remount_check and target != "kernel":
+        details = kernel_remount_check(ref, tgt, tgt1, tgt1_inos, Path(workdir), target, ignore)
+        if details:
+            return diverged("kernel remount of target upper", len(history) - 1, details)
+    return None
+
+
+def kernel_remount_check(ref, tgt, tgt_view, tgt_inos, workdir, target, ignore=()):
+    """The target's upper (unmounted now) under kernel overlayfs must show the same view."""
+    details = []
+    written = generator.list_oci_markers(tgt.upper) - tgt.upper_oci_markers
+    if written:
+        details.append(f"{target} wrote OCI markers into upper as root: {sorted(written)}")
+    generator.convert_oci_to_kernel(tgt.upper)
+    work, mnt = workdir / "remount-work", workdir / "remount-mnt"
+    work.mkdir()
+    mnt.mkdir()
+    try:
+        with mounts.kernel_overlay(ref.lowers, tgt.upper, work, mnt):
+            view, inos, _ = tree.snapshot(mnt)
+    except mounts.MountError as e:
+        return details + [str(e)]
+    details += tree.compare_entries(view, tgt_view, "kernel-on-target-upper", target, ignore)
+    details += tree.compare_ino_groups(inos, tgt_inos, "kernel-on-target-upper", target)
+    return details
+
+
+def first_divergence(seed, nops, workdir, target="unionfs", **kw):
+    """Like run_seed, but an end-of-run divergence is bisected to the op that made it."""
+    workdir = Path(workdir)
+    runs = [0]
+
+    def attempt(n):
+        runs[0] += 1
+        d = workdir / f"run{runs[0]}"
+        d.mkdir(parents=True)
+        try:
+            return run_seed(seed, n, d, target, **kw)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    div = attempt(nops)
+    if div is None or not div.where.startswith(("end of run", "kernel remount")):
+        return div
+    lo, hi, best = 0, len(div.history), div  # hi diverges; find the smallest n that does
+    while lo < hi - 1:
+        mid = (lo + hi) // 2
+        d = attempt(mid)
+        if d is not None:
+            hi, best = mid, d
+            if not d.where.startswith(("end of run", "kernel remount")):
+                return d  # an op-level divergence appeared first
+        else:
+            lo = mid
+    best.details.insert(0, f"(bisected: the first {hi} ops suffice; the last one is the culprit)")
+    return best

@@ -1,0 +1,120 @@
+"""Mount a Stack with kernel overlayfs or a FUSE union, and always unmount.
+
+Each mount is a context manager; leaving it (normally or by exception)
+unmounts, falling back to aborting the FUSE connection and a lazy unmount so
+a wedged server can never leave a test hanging or a mount behind. A watchdog
+aborts a FUSE connection that outlives its deadline, which turns a hung
+request into ENOTCONN instead of a hung test.
+"""
+import contextlib
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+TARGETS = ("unionfs", "fuse-overlayfs", "kernel")
+
+
+class MountError(RuntimeError):
+    pass
+
+
+def is_mounted(mnt):
+    mnt = os.path.realpath(mnt)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == mnt for line in f)
+
+
+def _fuse_abort(conn_minor):
+    try:
+        with open(f"/sys/fs/fuse/connections/{conn_minor}/abort", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
+def unmount(mnt, fuse_conn=None):
+    """Unmount `mnt` for sure: umount, retry, abort FUSE, lazy umount."""
+    for attempt in range(20):
+        if not is_mounted(mnt):
+            return
+        r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+        if r.returncode == 0:
+            break
+        time.sleep(0.05 * (attempt + 1))
+    if is_mounted(mnt):
+        if fuse_conn is not None:
+            _fuse_abort(fuse_conn)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def kernel_options(lowers, upper, work):
+    return (f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work},"
+            "redirect_dir=off,index=off,metacopy=off")
+
+
+@contextlib.contextmanager
+def kernel_overlay(lowers, upper, work, mnt):
+    opts = kernel_options(lowers, upper, work)
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise MountError(f"kernel overlay mount failed: {r.stderr.strip()}")
+    try:
+        yield
+    finally:
+        unmount(mnt)
+
+
+def _unionfs_command():
+    here = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "unionfs"
+    return str(here) if here.exists() else (shutil.which("unionfs") or "unionfs")
+
+
+def fuse_command(target, lowers, upper, work, mnt):
+    if target == "unionfs":
+        cmd = [_unionfs_command(), "mount"]
+        for lower in lowers:
+            cmd += ["--lower", str(lower)]
+        return cmd + ["--upper", str(upper), "--work", str(work), str(mnt)]
+    if target == "fuse-overlayfs":
+        return ["fuse-overlayfs", "-o",
+                f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}",
+                str(mnt)]
+    raise ValueError(target)
+
+
+@contextlib.contextmanager
+def fuse_union(target, lowers, upper, work, mnt, deadline=120.0):
+    cmd = fuse_command(target, lowers, upper, work, mnt)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        unmount(mnt)
+        raise MountError(f"{target} mount did not return in 60 s: {' '.join(cmd)}")
+    if r.returncode != 0 or not is_mounted(mnt):
+        unmount(mnt)
+        raise MountError(f"{target} mount failed (rc {r.returncode}): "
+                         f"{(r.stderr or r.stdout).strip()[-2000:]}")
+    conn = os.minor(os.stat(mnt).st_dev)
+    watchdog = threading.Timer(deadline, _fuse_abort, args=(conn,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+        unmount(mnt, fuse_conn=conn)
+
+
+@contextlib.contextmanager
+def mount_target(target, stack, deadline=120.0):
+    """Mount a Stack with `target` (unionfs | fuse-overlayfs | kernel)."""
+    if target == "kernel":
+        with kernel_overlay(stack.lowers, stack.upper, stack.work, stack.mnt):
+            yield
+    else:
+        with fuse_union(target, stack.lowers, stack.upper, stack.work, stack.mnt, deadline):
+            yield

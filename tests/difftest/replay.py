@@ -1,0 +1,54 @@
+"""Replay one differential seed: `python -m tests.difftest.replay SEED [options]`.
+
+Runs the seed's stack and ops on kernel overlayfs and the target, prints the
+divergence report (seed, every op with both results, the differences) or
+"no divergence". With --bisect an end-of-run difference is narrowed to the op
+that caused it; with --keep the layer copies stay on disk for inspection.
+"""
+import os
+import shutil
+import sys
+import tempfile
+
+import click
+
+from . import harness, mounts
+
+
+@click.command()
+@click.argument("seeds", nargs=-1, type=int, required=True)
+@click.option("--ops", "nops", default=60, show_default=True, help="ops per seed")
+@click.option("--target", type=click.Choice(mounts.TARGETS), show_default=True,
+              default=lambda: os.environ.get("UNIONFS_DIFF_TARGET", "unionfs"))
+@click.option("--bisect/--no-bisect", default=True, show_default=True,
+              help="narrow an end-of-run divergence to its op")
+@click.option("--keep", type=click.Path(file_okay=False), default=None,
+              help="keep the layers under this directory")
+@click.option("--no-remount-check", is_flag=True, help="skip the kernel remount of the upper")
+@click.option("--ignore", multiple=True, help="leave this entry field out (e.g. nlink, mtime)")
+def main(seeds, nops, target, bisect, keep, no_remount_check, ignore):
+    """Replay SEEDS (one or more) against kernel overlayfs."""
+    if os.geteuid() != 0:
+        raise click.UsageError("needs root (mounts overlay and FUSE filesystems)")
+    failed = 0
+    for seed in seeds:
+        base = keep or tempfile.mkdtemp(prefix=f"difftest-{seed}-")
+        workdir = os.path.join(base, f"seed{seed}") if keep else base
+        os.makedirs(workdir, exist_ok=True)
+        try:
+            kw = dict(remount_check=not no_remount_check, ignore=tuple(ignore))
+            div = (harness.first_divergence(seed, nops, workdir, target, **kw) if bisect
+                   else harness.run_seed(seed, nops, workdir, target, **kw))
+        finally:
+            if not keep:
+                shutil.rmtree(base, ignore_errors=True)
+        if div is None:
+            click.echo(f"seed {seed}: no divergence in {nops} ops ({target})")
+        else:
+            failed += 1
+            click.echo(div.report())
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

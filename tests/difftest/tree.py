@@ -1,0 +1,183 @@
+"""Merged-tree snapshots and their comparison.
+
+A snapshot maps every relpath under a mountpoint to what a user can observe:
+type, mode, owner, size, nlink, content hash, symlink target, xattrs (minus
+the filesystems' private ones), the mtime's class and st_ino. Comparison never
+looks at raw st_ino values across two mounts, only at which names share one.
+"""
+import hashlib
+import os
+import stat
+
+from .generator import NOW_THRESHOLD_NS
+
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "trusted.unionfs.", "user.unionfs.",
+                          "user.overlay.", "user.fuseoverlayfs.")
+
+
+def ftype(mode):
+    for test, name in ((stat.S_ISREG, "reg"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "lnk"),
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "chr"), (stat.S_ISBLK, "blk"),
+                       (stat.S_ISSOCK, "sock")):
+        if test(mode):
+            return name
+    return "?"
+
+
+def mtime_class(mtime_ns):
+    """Times set by the generator or an explicit utime compare exactly; clock times do not."""
+    return mtime_ns if mtime_ns < NOW_THRESHOLD_NS else "now"
+
+
+def public_xattrs(path):
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        return f"listxattr:{e.errno}"
+    out = {}
+    for n in sorted(names):
+        if n.startswith(PRIVATE_XATTR_PREFIXES):
+            continue
+        try:
+            out[n] = os.getxattr(path, n, follow_symlinks=False)
+        except OSError as e:
+            out[n] = f"err:{e.errno}"
+    return out
+
+
+def content_hash(path, limit=None):
+    h = hashlib.blake2b(digest_size=12)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        while True:
+            buf = os.read(fd, 1 << 20)
+            if not buf:
+                break
+            h.update(buf)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def describe(path, st=None, with_content=True):
+    """What a user sees of one entry, without inode numbers or clock times."""
+    if st is None:
+        st = os.lstat(path)
+    kind = ftype(st.st_mode)
+    d = {
+        "type": kind,
+        "mode": oct(stat.S_IMODE(st.st_mode)),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "nlink": st.st_nlink,
+        "mtime": mtime_class(st.st_mtime_ns),
+        "xattrs": public_xattrs(path),
+    }
+    if kind != "dir":
+        d["size"] = st.st_size
+    if kind == "lnk":
+        d["target"] = os.readlink(path)
+    elif kind == "reg" and with_content:
+        try:
+            d["hash"] = content_hash(path)
+        except OSError as e:
+            d["hash"] = f"err:{e.errno}"
+        d["sparse"] = st.st_blocks * 512 < st.st_size
+    elif kind in ("chr", "blk"):
+        d["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    return d
+
+
+def snapshot(mnt):
+    """Walk a mounted union; return (entries, inos, problems).
+
+    entries: relpath -> describe(); inos: relpath -> st_ino;
+    problems: d_ino != st_ino findings (readdir must agree with stat).
+    """
+    entries, inos, problems = {}, {}, []
+
+    def walk(rel):
+        full = os.path.join(mnt, rel) if rel else str(mnt)
+        with os.scandir(full) as it:
+            children = sorted(it, key=lambda e: e.name)
+        for e in children:
+            crel = f"{rel}/{e.name}" if rel else e.name
+            st = os.lstat(e.path)
+            if e.inode() != st.st_ino:
+                problems.append(f"{crel}: readdir d_ino {e.inode()} != st_ino {st.st_ino}")
+            entries[crel] = describe(e.path, st)
+            inos[crel] = st.st_ino
+            if stat.S_ISDIR(st.st_mode):
+                walk(crel)
+
+    root_st = os.lstat(mnt)
+    entries[""] = describe(str(mnt), root_st)
+    inos[""] = root_st.st_ino
+    walk("")
+    return entries, inos, problems
+
+
+def ino_groups(inos):
+    """relpath -> sorted tuple of every relpath sharing its st_ino."""
+    by_ino = {}
+    for rel, ino in inos.items():
+        by_ino.setdefault(ino, []).append(rel)
+    return {rel: tuple(sorted(by_ino[ino])) for rel, ino in inos.items()}
+
+
+def compare_entries(ref, other, label_ref="kernel", label_other="target", ignore=()):
+    """Differences between two {relpath: describe()} maps, as readable lines."""
+    out = []
+    for rel in sorted(set(ref) | set(other)):
+        if rel not in other:
+            out.append(f"/{rel}: only in {label_ref}: {ref[rel]}")
+            continue
+        if rel not in ref:
+            out.append(f"/{rel}: only in {label_other}: {other[rel]}")
+            continue
+        a, b = ref[rel], other[rel]
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            if a != b:
+                out.append(f"/{rel}: {label_ref}={a!r} {label_other}={b!r}")
+            continue
+        for key in sorted(set(a) | set(b)):
+            if key in ignore:
+                continue
+            if a.get(key) != b.get(key):
+                out.append(f"/{rel}: {key}: {label_ref}={a.get(key)!r} {label_other}={b.get(key)!r}")
+    return out
+
+
+def compare_ino_groups(ref_inos, other_inos, label_ref="kernel", label_other="target"):
+    """Which names share an inode must agree (hard links), for names both sides have."""
+    common = set(ref_inos) & set(other_inos)
+    ga, gb = ino_groups({r: i for r, i in ref_inos.items() if r in common}), \
+        ino_groups({r: i for r, i in other_inos.items() if r in common})
+    out = []
+    for rel in sorted(common):
+        if ga[rel] != gb[rel]:
+            out.append(f"/{rel}: names sharing st_ino: {label_ref}={list(ga[rel])} "
+                       f"{label_other}={list(gb[rel])}")
+    return out
+
+
+def stability_map(before, after, eligible):
+    """relpath (after) -> names (before, among `eligible`) that had its st_ino."""
+    by_ino = {}
+    for rel in eligible:
+        if rel in before:
+            by_ino.setdefault(before[rel], []).append(rel)
+    return {rel: tuple(sorted(by_ino.get(ino, ()))) for rel, ino in after.items()}
+
+
+def compare_stability(ref_before, ref_after, oth_before, oth_after, eligible,
+                      label_ref="kernel", label_other="target"):
+    """st_ino kept across copy-up/rename must agree: same old names map to each new name."""
+    ma = stability_map(ref_before, ref_after, eligible)
+    mb = stability_map(oth_before, oth_after, eligible)
+    out = []
+    for rel in sorted(set(ma) & set(mb)):
+        if ma[rel] != mb[rel]:
+            out.append(f"/{rel}: st_ino equals the st_ino at start of: {label_ref}={list(ma[rel])} "
+                       f"{label_other}={list(mb[rel])}")
+    return out
