@@ -1,0 +1,88 @@
+"""Test helper: a tiny rootfs from Debian's busybox-static, and runner helpers.
+
+`build_rootfs(dir)` makes bin/busybox plus one symlink per applet (from
+`busybox --list-full`, so no chroot is needed), a few files in /etc and a
+`data/` tree the tests delete and overwrite. Nothing here mocks anything.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+BUSYBOX = "/bin/busybox"
+UNIONFS = os.path.join(os.path.dirname(sys.executable), "unionfs")
+STATE_PREFIX = "unionfs-run-"
+
+
+def build_rootfs(root):
+    if not os.path.exists(BUSYBOX):
+        pytest.skip("busybox-static is not installed (apt-get install busybox-static)")
+    applets = subprocess.run([BUSYBOX, "--list-full"], check=True, capture_output=True,
+                             text=True).stdout.split()
+    os.makedirs(os.path.join(root, "bin"))
+    shutil.copy2(BUSYBOX, os.path.join(root, "bin", "busybox"))
+    for applet in applets:
+        path = os.path.join(root, applet)
+        if os.path.lexists(path):
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.symlink("/bin/busybox", path)
+    for d in ("etc", "root", "proc", "sys", "dev", "tmp", "data/sub"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    files = {
+        "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n",
+        "etc/group": "root:x:0:\nnogroup:x:65534:\n",
+        "etc/greeting": "hello from the lower layer\n",
+        "data/doomed": "delete me\n",
+        "data/sub/keep": "keep me\n",
+        "data/plain.txt": "not a program\n",
+    }
+    for rel, text in files.items():
+        with open(os.path.join(root, rel), "w") as f:
+            f.write(text)
+    os.chmod(os.path.join(root, "data/plain.txt"), 0o644)
+    return root
+
+
+def snapshot(root):
+    """{relative path: (mode, size, mtime_ns, link target or None)} of a tree."""
+    tree = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            target = os.readlink(path) if os.path.islink(path) else None
+            tree[os.path.relpath(path, root)] = (st.st_mode, st.st_size, st.st_mtime_ns, target)
+    return tree
+
+
+def run_unionfs(args, **kwargs):
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    kwargs.setdefault("timeout", 60)
+    return subprocess.run([UNIONFS, "run", *args], **kwargs)
+
+
+def mounts_matching(*needles):
+    """Host mount table lines that mention one of `needles`."""
+    with open("/proc/self/mountinfo") as f:
+        lines = f.read().splitlines()
+    return [line for line in lines if any(n in line for n in needles)]
+
+
+def processes_mentioning(needle):
+    """Pids (not ours) whose command line contains `needle`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append((int(entry), cmdline))
+    return found

@@ -1,0 +1,330 @@
+"""`unionfs run`: real namespaces and real mounts on a busybox rootfs.
+
+Every run gets its own TMPDIR (where the runner keeps its state dir), so a
+test can check afterwards that nothing is left: no state dir, no mount, no
+process.
+"""
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+
+import pytest
+
+from runner.plan import PlanError, build_plan, parse_env, parse_user, parse_volume
+from runner_rootfs import (build_rootfs, mounts_matching, processes_mentioning,
+                                 run_unionfs, snapshot, UNIONFS)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def lower(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("these runner tests run as root (FUSE allow_other, namespaces)")
+    return build_rootfs(str(tmp_path_factory.mktemp("rootfs") / "lower"))
+
+
+@pytest.fixture
+def state_base(tmp_path, lower):
+    """A private TMPDIR for the runner; afterwards nothing may remain of any run."""
+    base = tmp_path / "state"
+    base.mkdir()
+    yield str(base)
+    leftovers = os.listdir(base)
+    mounts = mounts_matching(str(base))
+    processes = processes_mentioning(str(base))
+    for pid, _ in processes:
+        os.kill(pid, signal.SIGKILL)
+    for line in mounts:
+        subprocess.run(["umount", "-l", line.split()[4]], check=False)
+    assert not processes, f"processes left behind: {processes}"
+    assert not mounts, f"mounts left behind: {mounts}"
+    assert not leftovers, f"state left behind: {leftovers}"
+
+
+def run(lower, state_base, *args, **kwargs):
+    env = dict(os.environ, TMPDIR=state_base)
+    return run_unionfs(["--lower", lower, *args], env=env, **kwargs)
+
+
+@pytest.mark.parametrize("command, status", [
+    (["/bin/true"], 0),
+    (["sh", "-c", "exit 7"], 7),
+    (["no-such-command"], 127),
+    (["/data/plain.txt"], 126),
+    (["/data"], 126),
+    (["sh", "-c", "kill -9 $$"], 128 + 9),
+    (["sh", "-c", "kill -TERM $$"], 128 + 15),
+])
+def test_exit_status(lower, state_base, command, status):
+    result = run(lower, state_base, "--", *command)
+    assert result.returncode == status, result.stderr
+    if status in (126, 127):
+        assert len(result.stderr.splitlines()) == 1
+        assert command[0] in result.stderr
+
+
+def test_command_is_under_pid_1_in_its_own_pid_namespace(lower, state_base):
+    result = run(lower, state_base, "--", "sh", "-c",
+                 "echo $$; ls /proc | grep -c '^[0-9]'; cat /proc/1/status | grep PPid")
+    assert result.returncode == 0, result.stderr
+    shell_pid, process_count, ppid_line = result.stdout.split("\n")[:3]
+    assert shell_pid == "2"            # PID 1 is the runner's init
+    assert int(process_count) <= 4     # init, sh, ls, grep: nothing from the host
+    assert ppid_line.split() == ["PPid:", "0"]
+
+
+def test_zombies_are_reaped_and_orphans_do_not_outlive_the_run(lower, state_base):
+    # The orphaned sleeps are re-parented to PID 1; when the command exits they
+    # are killed with the namespace, and the run still ends at once.
+    result = run(lower, state_base, "--", "sh", "-c",
+                 "(sleep 1000 &) ; (true &) ; sleep 0.1; "
+                 "grep -l '^State:.*Z' /proc/[0-9]*/status | wc -l; exit 3")
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.strip() == "0"
+    assert not processes_mentioning("sleep 1000")
+
+
+def test_hostname_is_isolated(lower, state_base):
+    before = socket.gethostname()
+    result = run(lower, state_base, "--hostname", "boxy", "--", "sh", "-c",
+                 "hostname; hostname renamed; hostname")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["boxy", "renamed"]
+    assert socket.gethostname() == before
+
+
+def test_container_environment(lower, state_base, tmp_path):
+    (tmp_path / "vol").mkdir()
+    (tmp_path / "vol" / "in").write_text("from the host\n")
+    result = run(lower, state_base, "-e", "GREETING=hi there", "-w", "/data/sub",
+                 "-u", "65534:65534", "-v", f"{tmp_path / 'vol'}:/mnt/vol:ro", "--", "sh", "-c",
+                 "echo $GREETING; pwd; id -u; id -g; cat /mnt/vol/in; "
+                 "touch /mnt/vol/new 2>/dev/null || echo read-only; "
+                 "cat /proc/self/status | grep NoNewPrivs; "
+                 "ls /dev; grep -c ' / ' /proc/mounts; ip link 2>/dev/null | grep -c '^[0-9]'")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:7] == ["hi there", "/data/sub", "65534", "65534", "from the host",
+                         "read-only", "NoNewPrivs:\t1"]
+    devices = set(lines[7:-2])
+    assert {"null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm"} <= devices
+    assert lines[-1] == "1"  # --net none: loopback only
+    assert not (tmp_path / "vol" / "new").exists()
+
+
+def test_special_filesystems_inside(lower, state_base):
+    result = run(lower, state_base, "--", "sh", "-c",
+                 "grep -E ' /(proc|dev|dev/pts|dev/shm|sys|tmp) ' /proc/mounts | cut -d' ' -f2-4;"
+                 "echo x > /dev/null && head -c 4 /dev/zero | wc -c; touch /sys/x 2>/dev/null || echo ro")
+    assert result.returncode == 0, result.stderr
+    fields = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[:-2]}
+    assert fields["/proc"][0] == "proc"
+    assert fields["/dev"][0] == "tmpfs"
+    assert fields["/dev/pts"][0] == "devpts"
+    assert fields["/dev/shm"][0] == "tmpfs"
+    assert fields["/sys"][0] == "sysfs" and fields["/sys"][1].startswith("ro,")
+    assert fields["/tmp"][0] == "tmpfs"
+    assert result.stdout.splitlines()[-2:] == ["4", "ro"]
+
+
+def test_host_does_not_see_the_containers_mounts(lower, state_base, tmp_path):
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    before = mounts_matching(" - proc ", " - devpts ", " - sysfs ")
+    runner = subprocess.Popen(
+        [UNIONFS, "run", "--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
+         "touch /sync/ready; while [ ! -e /sync/go ]; do sleep 0.02; done"],
+        env=dict(os.environ, TMPDIR=state_base))
+    try:
+        _wait_for(sync / "ready", runner)
+        during = mounts_matching(" - proc ", " - devpts ", " - sysfs ")
+        ours = [line for line in mounts_matching(state_base)]
+    finally:
+        (sync / "go").touch()
+        assert runner.wait(timeout=30) == 0
+    assert during == before
+    # The host sees exactly one mount of the run: the union it serves.
+    assert len(ours) == 1 and ours[0].split()[4].endswith("/root")
+
+
+def test_writes_land_in_the_upper_and_the_lower_is_untouched(lower, state_base, tmp_path):
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    lower_before = snapshot(lower)
+    result = run(lower, state_base, "--upper", str(upper), "--work", str(work), "--",
+                 "sh", "-c", "echo new > /new.txt; echo changed >> /etc/greeting; "
+                 "rm /data/doomed; cat /etc/greeting; ls /data")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["hello from the lower layer", "changed", "plain.txt",
+                                          "sub"]
+    assert (upper / "new.txt").read_text() == "new\n"
+    assert (upper / "etc" / "greeting").read_text() == "hello from the lower layer\nchanged\n"
+    assert snapshot(lower) == lower_before
+    # rm of a lower file leaves a whiteout: kernel form (char 0/0) or OCI form.
+    doomed = upper / "data" / "doomed"
+    if os.path.lexists(doomed):
+        st = os.lstat(doomed)
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    else:
+        assert (upper / "data" / ".wh.doomed").exists()
+    # The same upper, run again: the deletion and the new file persist.
+    again = run(lower, state_base, "--upper", str(upper), "--work", str(work), "--",
+                "sh", "-c", "ls /data; cat /new.txt")
+    assert again.stdout.splitlines() == ["plain.txt", "sub", "new"], again.stderr
+
+
+def test_throwaway_upper_is_removed_unless_kept(lower, state_base):
+    result = run(lower, state_base, "--", "sh", "-c", "echo gone > /scratch")
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(state_base) == []
+    kept = run(lower, state_base, "--keep", "--", "sh", "-c", "echo kept > /scratch")
+    assert kept.returncode == 0, kept.stderr
+    message = kept.stderr.strip()
+    assert message.startswith("unionfs run: kept the upper layer in ")
+    upper = message.split(" in ", 1)[1].split(" (")[0]
+    try:
+        assert open(os.path.join(upper, "scratch")).read() == "kept\n"
+    finally:
+        subprocess.run(["rm", "-rf", os.path.dirname(upper)], check=True)
+
+
+def test_two_containers_at_once_on_the_same_lower(lower, state_base, tmp_path):
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    runners, uppers = [], []
+    for name in ("one", "two"):
+        upper, work = tmp_path / f"upper-{name}", tmp_path / f"work-{name}"
+        upper.mkdir()
+        work.mkdir()
+        uppers.append(upper)
+        # Each writes its name, then waits until both are running, then reads back.
+        script = (f"echo {name} > /etc/greeting; touch /sync/{name}; "
+                  "while [ ! -e /sync/one ] || [ ! -e /sync/two ]; do sleep 0.02; done; "
+                  "cat /etc/greeting")
+        runners.append(subprocess.Popen(
+            [UNIONFS, "run", "--lower", lower, "--upper", str(upper), "--work", str(work),
+             "-v", f"{sync}:/sync", "--", "sh", "-c", script],
+            env=dict(os.environ, TMPDIR=state_base), stdout=subprocess.PIPE, text=True))
+    outputs = [r.communicate(timeout=60)[0] for r in runners]
+    assert [r.returncode for r in runners] == [0, 0]
+    assert outputs == ["one\n", "two\n"]
+    assert [(u / "etc" / "greeting").read_text() for u in uppers] == ["one\n", "two\n"]
+    assert open(os.path.join(lower, "etc", "greeting")).read() == "hello from the lower layer\n"
+
+
+def _wait_for(path, process, limit=30.0):
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        assert process.poll() is None, "the runner exited early"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_runner_stops_the_container_and_cleans_up(lower, state_base, tmp_path,
+                                                                signum):
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    runner = subprocess.Popen(
+        [UNIONFS, "run", "--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
+         "touch /sync/ready; exec sleep 1000"],
+        env=dict(os.environ, TMPDIR=state_base))
+    _wait_for(sync / "ready", runner)
+    runner.send_signal(signum)
+    assert runner.wait(timeout=30) == 128 + signum
+    assert not processes_mentioning("sleep 1000")
+
+
+def test_a_command_that_ignores_sigterm_is_killed_by_a_second_signal(lower, state_base, tmp_path):
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    runner = subprocess.Popen(
+        [UNIONFS, "run", "--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
+         "trap '' TERM; touch /sync/ready; sleep 1000; sleep 1000"],
+        env=dict(os.environ, TMPDIR=state_base))
+    _wait_for(sync / "ready", runner)
+    runner.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # not an assertion on time: the first signal must be delivered first
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == 128 + signal.SIGKILL
+    assert not processes_mentioning("sleep 1000")
+
+
+def test_hundred_runs_leave_nothing_behind(lower, state_base):
+    started = time.monotonic()
+    for i in range(100):
+        result = run(lower, state_base, "--", "/bin/true")
+        assert result.returncode == 0, f"run {i}: {result.stderr}"
+    elapsed = time.monotonic() - started
+    print(f"100 runs of /bin/true: {elapsed:.1f} s ({elapsed * 10:.0f} ms a run)")
+    assert not processes_mentioning(lower)
+    # state_base's teardown checks mounts, processes and state dirs.
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "no such option"),
+    (["--net", "bridge"], "--net"),
+    (["-u", "root"], "-u"),
+    (["-v", "relative-only"], "-v"),
+    (["--upper", "/tmp"], "--upper and --work go together"),
+    ([], "missing command"),
+])
+def test_bad_options_give_a_one_line_usage_error(lower, state_base, args, message):
+    result = run(lower, state_base, *args, *(["--", "true"] if args else []))
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert message.lower() in result.stderr.lower()
+    assert result.stderr.startswith("unionfs run: ")
+
+
+def test_missing_layer_is_a_usage_error(state_base, tmp_path):
+    result = run_unionfs(["--lower", str(tmp_path / "nope"), "--", "true"])
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_rootfs_runs_in_an_existing_tree_without_mounting(lower, state_base):
+    result = run_unionfs(["--rootfs", lower, "--", "sh", "-c", "cat /etc/greeting; echo $$"],
+                         env=dict(os.environ, TMPDIR=state_base))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["hello from the lower layer", "2"]
+
+
+# Pure option rules (no kernel).
+
+def test_parse_user():
+    assert parse_user(None) == (0, 0)
+    assert parse_user("1000") == (1000, 0)
+    assert parse_user("1000:100") == (1000, 100)
+    for bad in ("root", "1:x", "-1", ""):
+        with pytest.raises(PlanError):
+            parse_user(bad)
+
+
+def test_parse_volume(tmp_path):
+    volume = parse_volume(f"{tmp_path}:/mnt:ro")
+    assert (volume.source, volume.target, volume.read_only, volume.is_dir) == (
+        str(tmp_path), "/mnt", True, True)
+    for bad in ("x", f"{tmp_path}:rel", f"{tmp_path}:/a:/b:ro", f"{tmp_path / 'no'}:/a"):
+        with pytest.raises(PlanError):
+            parse_volume(bad)
+
+
+def test_parse_env_takes_host_values_for_bare_keys():
+    env = dict(parse_env(["A=1", "B", "C=x=y", "MISSING"], host_env={"B": "2"}))
+    assert env["A"] == "1" and env["B"] == "2" and env["C"] == "x=y"
+    assert "MISSING" not in env and env["PATH"].startswith("/usr/local/sbin")
+
+
+def test_plan_rejects_conflicting_layers(tmp_path):
+    with pytest.raises(PlanError):
+        build_plan(["true"], lowers=[str(tmp_path)], rootfs=str(tmp_path))
+    with pytest.raises(PlanError):
+        build_plan(["true"], lowers=[str(tmp_path)], upper=str(tmp_path), work=str(tmp_path))
+    with pytest.raises(PlanError):
+        build_plan([], lowers=[str(tmp_path)])
