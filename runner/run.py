@@ -40,7 +40,7 @@ def execute(plan, announce=None):
         if keeper_reaped:
             return  # its pid may belong to someone else by now
         if forwarded or signum == signal.SIGALRM:
-            os.kill(keeper, signal.SIGKILL)  # PID 1 dies with the keeper
+            os.kill(keeper, sandbox.KILL_SIGNAL)
             return
         forwarded.append(signum)
         os.kill(keeper, signum)
@@ -57,11 +57,11 @@ def execute(plan, announce=None):
             root = stack.mount()
         sys.stdout.flush()
         sys.stderr.flush()
-        signal.pthread_sigmask(signal.SIG_BLOCK, sandbox.FORWARDED_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, sandbox.BLOCKED_AROUND_FORK)
         try:
             keeper = sandbox.start(plan, root)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, sandbox.FORWARDED_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, sandbox.BLOCKED_AROUND_FORK)
         _, status = os.waitpid(keeper, 0)
         keeper_reaped = True
         return sandbox.exit_code_of(status)

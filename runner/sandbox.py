@@ -28,6 +28,10 @@ from . import libc
 from .plan import DEVICES
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Sent by the runner to the keeper: kill the container now (PID 1 with SIGKILL,
+# which takes the whole PID namespace down); the keeper still reaps it.
+KILL_SIGNAL = signal.SIGUSR1
+BLOCKED_AROUND_FORK = (*FORWARDED_SIGNALS, KILL_SIGNAL)
 SETUP_FAILED = 1
 
 
@@ -43,7 +47,7 @@ def exit_code_of(status):
 
 
 def start(plan, root):
-    """Fork the keeper; return its pid. Call with FORWARDED_SIGNALS blocked."""
+    """Fork the keeper; return its pid. Call with BLOCKED_AROUND_FORK blocked."""
     parent = os.getpid()
     pid = os.fork()
     if pid:
@@ -94,10 +98,10 @@ def _keeper(plan, root, parent):
         os._exit(status)
 
     def forward(signum, frame):
-        os.kill(child, signum)
-    for signum in FORWARDED_SIGNALS:
+        os.kill(child, signal.SIGKILL if signum == KILL_SIGNAL else signum)
+    for signum in BLOCKED_AROUND_FORK:
         signal.signal(signum, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED_AROUND_FORK)
     _, status = os.waitpid(child, 0)
     return exit_code_of(status)
 
@@ -116,6 +120,7 @@ def _init(plan, root):
     libc.sethostname(plan.hostname)
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
     _mkdirs(plan.cwd)
+    signal.signal(KILL_SIGNAL, signal.SIG_DFL)
     return pid1.run_command(lambda: _exec_command(plan), FORWARDED_SIGNALS)
 
 
