@@ -1,0 +1,120 @@
+"""`unionfs bench`: build (or reuse) the stack, run the suite, write the report."""
+import datetime
+import json
+import os
+import time
+
+import click
+
+from . import report, stack as stackmod, suite as suitemod
+from .targets import all_targets
+from .workloads import GROUPS, build_workloads
+
+CONFIGS = ("ext4", "xfs-reflink")
+# On the XFS image only copy-up is measured: that is where reflink changes the cost.
+XFS_GROUPS = ("copyup", "metadata-copyup")
+
+
+def _split(values):
+    return [v for value in values for v in value.split(",") if v]
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="A small stack and one repetition (about a minute).")
+@click.option("--out", "out_dir", default="bench-out", show_default=True,
+              type=click.Path(file_okay=False), help="Directory for records, summary, charts.")
+@click.option("--targets", "target_names", multiple=True, metavar="NAME[,NAME]",
+              help="Only these implementations (default: all).")
+@click.option("--workloads", "workload_names", multiple=True, metavar="NAME[,NAME]",
+              help="Only these workloads or workload groups (default: all).")
+@click.option("--configs", "config_names", multiple=True, metavar="NAME[,NAME]",
+              help="ext4 (the host filesystem) and/or xfs-reflink "
+                   "(default: both; --quick: ext4).")
+@click.option("--reps", type=click.IntRange(1), help="Repetitions (default 5; --quick 1).")
+@click.option("--heavy-reps", type=click.IntRange(1),
+              help="Repetitions of the 1 GiB workloads (default 3; --quick 1).")
+@click.option("--timeout", default=None, type=click.IntRange(1),
+              help="Seconds before one workload run counts as hung (default 600; --quick 60).")
+def bench(quick, out_dir, target_names, workload_names, config_names, reps, heavy_reps, timeout):
+    """Time unionfs against native, kernel overlayfs, fuse-overlayfs and unionfs-fuse."""
+    params = stackmod.QUICK if quick else stackmod.FULL
+    targets = all_targets()
+    known = [t.name for t in targets]
+    wanted = _split(target_names)
+    for name in wanted:
+        if name not in known:
+            raise click.UsageError(f"unknown target {name!r}; known: {', '.join(known)}")
+    if wanted:
+        targets = [t for t in targets if t.name in wanted]
+    configs = _split(config_names) or (["ext4"] if quick else list(CONFIGS))
+    for name in configs:
+        if name not in CONFIGS:
+            raise click.UsageError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+    wanted_workloads = _split(workload_names)
+    if os.geteuid() != 0:
+        raise click.ClickException("unionfs bench needs root (it mounts filesystems)")
+
+    log = suitemod.default_log
+    os.makedirs(out_dir, exist_ok=True)
+    records_path = os.path.join(out_dir, "records.jsonl")
+    if os.path.exists(records_path):
+        os.unlink(records_path)
+    started = time.monotonic()
+    started_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        base = stackmod.build(params, log=log)
+    except OSError as e:
+        raise click.ClickException(f"cannot build the stack: {e}")
+    all_workloads = build_workloads(base.meta)
+    known_workloads = {w.name for w in all_workloads} | set(GROUPS)
+    for name in wanted_workloads:
+        if name not in known_workloads:
+            raise click.UsageError(f"unknown workload {name!r}; known: "
+                                   f"{', '.join(sorted(known_workloads))}")
+
+    def select(groups=None):
+        chosen = [w for w in all_workloads
+                  if not wanted_workloads or w.name in wanted_workloads
+                  or w.group in wanted_workloads]
+        return [w for w in chosen if groups is None or w.group in groups]
+
+    config_objs, cleanups = [], []
+    try:
+        for name in configs:
+            if name == "ext4":
+                config_objs.append(suitemod.Config(
+                    "ext4", base, suitemod.fstype_of(base.root), select()))
+            else:
+                chosen = select(XFS_GROUPS)
+                if not chosen:
+                    continue
+                try:
+                    xfs_stack, cleanup = suitemod.xfs_config(base, log)
+                except Exception as e:  # report and carry on with the other configs
+                    log(f"xfs-reflink: skipped: {e}")
+                    continue
+                cleanups.append(cleanup)
+                config_objs.append(suitemod.Config("xfs-reflink", xfs_stack,
+                                                   suitemod.fstype_of(xfs_stack.root), chosen))
+        runner = suitemod.Suite(
+            config_objs, targets, out_dir, quick,
+            reps or (1 if quick else 5), heavy_reps or (1 if quick else 3),
+            timeout or (60 if quick else 600), log)
+        runner.run()
+    finally:
+        for cleanup in cleanups:
+            cleanup()
+    info = {
+        "started": started_at, "kernel": runner.kernel, "commit": runner.commit,
+        "stack": os.path.basename(base.root), "merged_files": base.meta["regular_files"],
+        "quick": quick, "reps": runner.reps, "heavy_reps": runner.heavy_reps,
+        "versions": runner.versions, "elapsed_s": time.monotonic() - started,
+        "configs": [c.name for c in config_objs],
+    }
+    with open(os.path.join(out_dir, "run.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    records = runner.records
+    charts = report.write_charts(records, out_dir)
+    report.write_summary(records, out_dir, info)
+    log(f"bench: {len(records)} records, {len(charts)} charts, summary in "
+        f"{os.path.join(out_dir, 'summary.md')} ({info['elapsed_s']:.0f} s)")

@@ -1,0 +1,87 @@
+"""Smoke test of the benchmark suite: `unionfs bench --quick` end to end.
+
+No timing is asserted: the test checks that records, summary and charts are
+produced and that the untimed correctness check passed for every target that ran.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+EXPECTED_FIELDS = {"impl", "workload", "metric", "value", "unit", "rep", "kernel", "fstype",
+                   "version", "commit", "config"}
+
+
+def unionfs_command():
+    beside = os.path.join(os.path.dirname(sys.executable), "unionfs")
+    return [beside] if os.path.exists(beside) else [shutil.which("unionfs") or "unionfs"]
+
+
+def bench(*args, timeout=200):
+    return subprocess.run(unionfs_command() + ["bench", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("unionfs bench mounts filesystems and needs root")
+    pytest.importorskip("matplotlib", reason="the bench extra (matplotlib) is not installed")
+    out = tmp_path_factory.mktemp("bench-out")
+    proc = bench("--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "records.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return out, records, proc.stderr
+
+
+@pytest.mark.timeout(240)
+def test_quick_run_writes_records_summary_and_charts(quick_run):
+    out, records, _log = quick_run
+    assert records, "no records"
+    for rec in records:
+        assert EXPECTED_FIELDS <= set(rec), rec
+    measured = {r["impl"] for r in records if r["metric"] not in ("skipped", "error")}
+    assert {"native", "overlay"} <= measured
+    summary = (out / "summary.md").read_text()
+    assert "## Correctness" in summary and "Ratios" in summary
+    charts = sorted(p.name for p in out.glob("chart-*.png"))
+    assert charts, "no charts"
+    for name in charts:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert name in summary
+
+
+@pytest.mark.timeout(240)
+def test_quick_run_correctness_passes_for_every_target_that_ran(quick_run):
+    _out, records, _log = quick_run
+    checks = {r["impl"]: r["value"] for r in records
+              if r["workload"] == "correctness" and r["metric"] == "mismatches"}
+    assert checks, "no target ran the correctness check"
+    assert all(v == 0 for v in checks.values()), checks
+    ran_workloads = {r["impl"] for r in records if r["metric"] not in ("skipped", "mismatches")}
+    assert ran_workloads <= set(checks)
+    skipped = [f"{r['impl']}: {r.get('reason')}" for r in records if r["metric"] == "skipped"]
+    if skipped:
+        pytest.skip("targets skipped by the bench: " + "; ".join(skipped))
+
+
+@pytest.mark.timeout(240)
+def test_quick_run_covers_unionfs_and_every_workload(quick_run):
+    _out, records, _log = quick_run
+    workloads = {r["workload"] for r in records if r["impl"] == "overlay"}
+    for name in ("append-1M", "stat-all", "readdir-bigdir", "git-status", "compileall",
+                 "latency", "mount", "untar-rm", "smallfile-copyup-4threads"):
+        assert name in workloads
+    if not any(r["impl"] == "unionfs" and r["metric"] == "mismatches" for r in records):
+        pytest.skip("unionfs itself did not run in the bench")
+
+
+def test_unknown_target_is_a_usage_error():
+    proc = bench("--quick", "--targets", "no-such-fs", timeout=60)
+    assert proc.returncode == 2
+    assert "unknown target" in proc.stderr
+    assert "Traceback" not in proc.stderr
