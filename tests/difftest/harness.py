@@ -66,17 +66,37 @@ def run_seed(seed, nops, workdir, target="unionfs", remount_check=True, deadline
     """Run one seed; return None if both sides agree, else the first Divergence.
 
     `ignore` names describe() keys (e.g. "nlink") left out of every comparison.
+    A FUSE server that logs a traceback is a divergence too.
     """
     ref, tgt = build_stacks(seed, workdir, target)
-    rng = random.Random(f"difftest-ops-{seed}")
     history = []
+    server_log = mounts.ServerLog()
+    end = {}
+    div = _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server_log, end)
+    errors = server_log.errors()
+    if div is None and errors:
+        div = Divergence(seed, nops, target, "server log", len(history) - 1, history,
+                         [f"{target} server logged errors:"] + errors)
+    elif div is not None and errors:
+        div.details += [f"{target} server log:"] + errors
+    if div is None and remount_check and target != "kernel":
+        details = kernel_remount_check(ref, tgt, end["view"], end["inos"], Path(workdir),
+                                       target, ignore)
+        if details:
+            div = Divergence(seed, nops, target, "kernel remount of target upper",
+                             len(history) - 1, history, details)
+    return div
+
+
+def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server_log, end):
+    rng = random.Random(f"difftest-ops-{seed}")
 
     def diverged(where, index, details):
         return Divergence(seed, nops, target, where, index, history, details)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(mounts.kernel_overlay(ref.lowers, ref.upper, ref.work, ref.mnt))
-        stack.enter_context(mounts.mount_target(target, tgt, deadline))
+        stack.enter_context(mounts.mount_target(target, tgt, deadline, server_log))
         ref0, ref0_inos, _ = tree.snapshot(ref.mnt)
         tgt0, tgt0_inos, dino = tree.snapshot(tgt.mnt)
         if target == "kernel":
@@ -112,11 +132,7 @@ def run_seed(seed, nops, workdir, target="unionfs", remount_check=True, deadline
                    + dino)
         if details:
             return diverged("end of run", len(history) - 1, details)
-
-    if remount_check and target != "kernel":
-        details = kernel_remount_check(ref, tgt, tgt1, tgt1_inos, Path(workdir), target, ignore)
-        if details:
-            return diverged("kernel remount of target upper", len(history) - 1, details)
+        end["view"], end["inos"] = tgt1, tgt1_inos
     return None
 
 
@@ -155,7 +171,7 @@ def first_divergence(seed, nops, workdir, target="unionfs", **kw):
             shutil.rmtree(d, ignore_errors=True)
 
     div = attempt(nops)
-    if div is None or not div.where.startswith(("end of run", "kernel remount")):
+    if div is None or not div.where.startswith(("end of run", "kernel remount", "server log")):
         return div
     lo, hi, best = 0, len(div.history), div  # hi diverges; find the smallest n that does
     while lo < hi - 1:
@@ -163,7 +179,7 @@ def first_divergence(seed, nops, workdir, target="unionfs", **kw):
         d = attempt(mid)
         if d is not None:
             hi, best = mid, d
-            if not d.where.startswith(("end of run", "kernel remount")):
+            if not d.where.startswith(("end of run", "kernel remount", "server log")):
                 return d  # an op-level divergence appeared first
         else:
             lo = mid

@@ -86,18 +86,56 @@ def fuse_command(target, lowers, upper, work, mnt):
     raise ValueError(target)
 
 
+class ServerLog:
+    """What a FUSE server wrote; filled in when its mount context exits."""
+    def __init__(self):
+        self.text = ""
+
+    def errors(self):
+        """Log lines that show a server-side failure (tracebacks, internal errors)."""
+        if "Traceback" in self.text or "ERROR" in self.text:
+            return self.text.strip().splitlines()[-40:]
+        return []
+
+
+def _wait_mounted(mnt, proc, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_mounted(mnt):
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
 @contextlib.contextmanager
-def fuse_union(target, lowers, upper, work, mnt, deadline=120.0):
+def fuse_union(target, lowers, upper, work, mnt, deadline=120.0, server_log=None):
+    """Mount with a FUSE union. unionfs serves in the foreground (-f) so that its
+    log can be checked for tracebacks; fuse-overlayfs daemonizes itself."""
     cmd = fuse_command(target, lowers, upper, work, mnt)
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
+    log_path = f"{mnt}.server.log"
+    proc = None
+    if target == "unionfs":
+        cmd.insert(2, "-f")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        ok = _wait_mounted(mnt, proc, 60)
+        failure = "" if ok else open(log_path, errors="replace").read()[-2000:]
+    else:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            ok = r.returncode == 0 and is_mounted(mnt)
+            failure = (r.stderr or r.stdout).strip()[-2000:]
+        except subprocess.TimeoutExpired:
+            ok, failure = False, "did not return in 60 s"
+    if not ok:
         unmount(mnt)
-        raise MountError(f"{target} mount did not return in 60 s: {' '.join(cmd)}")
-    if r.returncode != 0 or not is_mounted(mnt):
-        unmount(mnt)
-        raise MountError(f"{target} mount failed (rc {r.returncode}): "
-                         f"{(r.stderr or r.stdout).strip()[-2000:]}")
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        raise MountError(f"{target} mount failed: {' '.join(cmd)}: {failure}")
     conn = os.minor(os.stat(mnt).st_dev)
     watchdog = threading.Timer(deadline, _fuse_abort, args=(conn,))
     watchdog.daemon = True
@@ -107,14 +145,25 @@ def fuse_union(target, lowers, upper, work, mnt, deadline=120.0):
     finally:
         watchdog.cancel()
         unmount(mnt, fuse_conn=conn)
+        if proc is not None:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if server_log is not None:
+                server_log.text = open(log_path, errors="replace").read()
+                if proc.returncode not in (0, None):
+                    server_log.text += f"\nERROR: server exit status {proc.returncode}"
 
 
 @contextlib.contextmanager
-def mount_target(target, stack, deadline=120.0):
+def mount_target(target, stack, deadline=120.0, server_log=None):
     """Mount a Stack with `target` (unionfs | fuse-overlayfs | kernel)."""
     if target == "kernel":
         with kernel_overlay(stack.lowers, stack.upper, stack.work, stack.mnt):
             yield
     else:
-        with fuse_union(target, stack.lowers, stack.upper, stack.work, stack.mnt, deadline):
+        with fuse_union(target, stack.lowers, stack.upper, stack.work, stack.mnt, deadline,
+                        server_log):
             yield

@@ -1,0 +1,73 @@
+"""Differential test: unionfs against kernel overlayfs on random stacks and ops.
+
+Each seed builds a random layer stack (both whiteout formats), runs a random
+op sequence on a kernel overlay and on unionfs, and compares every result and
+the merged trees (see docs/testing.md). A failure prints the seed, the ops up
+to the divergence with both results, and the command that replays it.
+
+Fast tier (default, CI): UNIONFS_DIFF_SEEDS seeds (40) x UNIONFS_DIFF_OPS ops (60).
+Slow tier (`pytest -m slow`): UNIONFS_DIFF_SLOW_SEEDS (300) x UNIONFS_DIFF_SLOW_OPS
+(2000); without `-m slow` it runs one seed of 300 ops as a smoke test.
+UNIONFS_DIFF_TARGET=fuse-overlayfs|kernel points the same test at a peer.
+"""
+import os
+import shutil
+
+import pytest
+
+from difftest import harness, mounts
+
+TARGET = os.environ.get("UNIONFS_DIFF_TARGET", "unionfs")
+FAST_SEEDS = int(os.environ.get("UNIONFS_DIFF_SEEDS", "40"))
+FAST_OPS = int(os.environ.get("UNIONFS_DIFF_OPS", "60"))
+SLOW_SEEDS = int(os.environ.get("UNIONFS_DIFF_SLOW_SEEDS", "300"))
+SLOW_OPS = int(os.environ.get("UNIONFS_DIFF_SLOW_OPS", "2000"))
+SMOKE_OPS = 300  # the slow test's one seed when `-m slow` is not given
+SLOW_SEED_BASE = 100_000  # the slow tier explores seeds the fast tier never runs
+
+
+def pytest_generate_tests(metafunc):
+    if "fast_seed" in metafunc.fixturenames:
+        metafunc.parametrize("fast_seed", range(FAST_SEEDS))
+    if "slow_seed" in metafunc.fixturenames:
+        selected = "slow" in (metafunc.config.getoption("markexpr") or "")
+        count = SLOW_SEEDS if selected else 1
+        metafunc.parametrize("slow_seed", range(SLOW_SEED_BASE, SLOW_SEED_BASE + count))
+
+
+def _filesystems():
+    with open("/proc/filesystems") as f:
+        return {line.split()[-1] for line in f if line.strip()}
+
+
+@pytest.fixture(scope="module")
+def requirements():
+    if os.geteuid() != 0:
+        pytest.skip("the differential test mounts overlayfs and FUSE: needs root")
+    missing = {"overlay", "fuse"} - _filesystems()
+    if missing:
+        pytest.skip(f"kernel lacks filesystems: {sorted(missing)}")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    if TARGET == "fuse-overlayfs" and not shutil.which("fuse-overlayfs"):
+        pytest.skip("fuse-overlayfs not installed")
+    if TARGET not in mounts.TARGETS:
+        pytest.fail(f"UNIONFS_DIFF_TARGET={TARGET!r}: not one of {mounts.TARGETS}")
+
+
+def _run(seed, nops, tmp_path):
+    div = harness.first_divergence(seed, nops, tmp_path, TARGET)
+    if div is not None:
+        pytest.fail(div.report(), pytrace=False)
+
+
+@pytest.mark.timeout(300)
+def test_differential(requirements, fast_seed, tmp_path):
+    _run(fast_seed, FAST_OPS, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_differential_long(requirements, slow_seed, tmp_path, request):
+    selected = "slow" in (request.config.getoption("markexpr") or "")
+    _run(slow_seed, SLOW_OPS if selected else SMOKE_OPS, tmp_path)
