@@ -1,5 +1,5 @@
 """The runner's only ctypes: unshare, mount, umount2, pivot_root, sethostname, prctl,
-open_tree and move_mount.
+open_tree, move_mount and mount_setattr.
 
 Python 3.11 has no os.unshare; everything the sandbox needs from the kernel that
 the os module lacks is wrapped here, raising OSError(errno) like the os module.
@@ -95,6 +95,7 @@ AT_RECURSIVE = 0x8000
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 
 
 def open_tree(path, flags, dirfd=AT_FDCWD):
@@ -104,8 +105,31 @@ def open_tree(path, flags, dirfd=AT_FDCWD):
     return fd
 
 
-def move_mount(from_fd, target, flags=MOVE_MOUNT_F_EMPTY_PATH):
+def move_mount(from_fd, target, target_fd=AT_FDCWD):
+    """Attach the detached tree `from_fd` at `target` (or at `target_fd` if target is "")."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | (MOVE_MOUNT_T_EMPTY_PATH if not target else 0)
     _check(_libc.syscall(ctypes.c_long(SYS_move_mount), ctypes.c_int(from_fd),
-                         ctypes.c_char_p(b""), ctypes.c_int(AT_FDCWD),
+                         ctypes.c_char_p(b""), ctypes.c_int(target_fd),
                          ctypes.c_char_p(_b(target)), ctypes.c_uint(flags)),
-           os.fsdecode(target))
+           os.fsdecode(target) or f"fd {target_fd}")
+
+
+SYS_mount_setattr = 442
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def set_mount_attributes(tree_fd, attributes, recursive=True):
+    """Set MOUNT_ATTR_* on the mount tree_fd refers to (and, by default, all below it)."""
+    attr = _MountAttr(attributes, 0, 0, 0)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    _check(_libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_int(tree_fd),
+                         ctypes.c_char_p(b""), ctypes.c_uint(flags), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))), f"fd {tree_fd}")

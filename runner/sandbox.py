@@ -136,6 +136,16 @@ def _touch(path):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
 
 
+def _subdir(dir_fd, name):
+    """An O_PATH fd of dir_fd/name (created if missing); never a symlink."""
+    try:
+        os.mkdir(name, 0o755, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC,
+                   dir_fd=dir_fd)
+
+
 def setup_root(plan, root):
     """Switch to `root` and mount /proc, /dev, /sys, /tmp and the volumes there.
 
@@ -156,7 +166,30 @@ def setup_root(plan, root):
 
     # The root must be a mount point of its own for pivot_root.
     libc.mount(root, root, None, libc.MS_BIND | libc.MS_REC)
-    os.chdir(root)
+
+    # proc and sysfs are mounted before the switch: a user namespace may only
+    # mount them while the host's are visible in its mount namespace. Their
+    # targets are opened one component below the root, without following a
+    # symlink, and mounted through /proc/self/fd.
+    nosuid_nodev_noexec = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    proc_fd, sys_fd = _subdir(root_fd, "proc"), _subdir(root_fd, "sys")
+    libc.mount("proc", f"/proc/self/fd/{proc_fd}", "proc", nosuid_nodev_noexec)
+    if sysfs_fallback:
+        # Without its own network namespace a user namespace may not mount sysfs.
+        sys_tree = host_trees.pop("/sys")
+        libc.set_mount_attributes(sys_tree, libc.MOUNT_ATTR_RDONLY | libc.MOUNT_ATTR_NOSUID
+                                  | libc.MOUNT_ATTR_NODEV | libc.MOUNT_ATTR_NOEXEC)
+        libc.move_mount(sys_tree, "", target_fd=sys_fd)
+        os.close(sys_tree)
+    else:
+        libc.mount("sysfs", f"/proc/self/fd/{sys_fd}", "sysfs",
+                   libc.MS_RDONLY | nosuid_nodev_noexec)
+    for fd in (proc_fd, sys_fd):
+        os.close(fd)
+
+    os.fchdir(root_fd)
+    os.close(root_fd)
     try:
         libc.pivot_root(".", ".")
         libc.umount2(".", libc.MNT_DETACH)  # the old root, stacked on top
@@ -165,10 +198,6 @@ def setup_root(plan, root):
             "isolation (the host's mounts stay reachable from inside)")
         os.chroot(".")
     os.chdir("/")
-
-    nosuid_nodev_noexec = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
-    _mkdirs("/proc")
-    libc.mount("proc", "/proc", "proc", nosuid_nodev_noexec)
 
     _mkdirs("/dev")
     libc.mount("tmpfs", "/dev", "tmpfs", libc.MS_NOSUID | libc.MS_STRICTATIME,
@@ -189,15 +218,6 @@ def setup_root(plan, root):
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"/dev/{name}")
 
-    _mkdirs("/sys")
-    if sysfs_fallback:
-        # Without its own network namespace a user namespace may not mount sysfs.
-        libc.move_mount(host_trees["/sys"], "/sys")
-        libc.mount(None, "/sys", None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
-                   | nosuid_nodev_noexec)
-    else:
-        libc.mount("sysfs", "/sys", "sysfs", libc.MS_RDONLY | nosuid_nodev_noexec)
-
     _mkdirs("/tmp")
     libc.mount("tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=1777")
 
@@ -207,10 +227,9 @@ def setup_root(plan, root):
         else:
             _mkdirs(os.path.dirname(volume.target))
             _touch(volume.target)
-        libc.move_mount(host_trees[volume], volume.target)
         if volume.read_only:
-            libc.mount(None, volume.target, None,
-                       libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY)
+            libc.set_mount_attributes(host_trees[volume], libc.MOUNT_ATTR_RDONLY)
+        libc.move_mount(host_trees[volume], volume.target)
 
     for fd in host_trees.values():
         os.close(fd)

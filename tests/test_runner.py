@@ -5,10 +5,12 @@ test can check afterwards that nothing is left: no state dir, no mount, no
 process.
 """
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -328,3 +330,29 @@ def test_plan_rejects_conflicting_layers(tmp_path):
         build_plan(["true"], lowers=[str(tmp_path)], upper=str(tmp_path), work=str(tmp_path))
     with pytest.raises(PlanError):
         build_plan([], lowers=[str(tmp_path)])
+
+
+def test_rootless_run_uses_a_user_namespace(lower, tmp_path_factory):
+    # An unprivileged user (nobody) runs a world-readable copy of the rootfs with
+    # --rootfs; the union itself would need /dev/fuse, which is 0600 here.
+    if subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0:
+        pytest.skip("setpriv (util-linux) is not installed")
+    base = tmp_path_factory.mktemp("rootless")
+    public = tempfile.mkdtemp(prefix="unionfs-rootless-test-", dir="/tmp")
+    try:
+        os.chmod(public, 0o755)
+        root = build_rootfs(os.path.join(public, "root"))
+        result = subprocess.run(
+            ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+             UNIONFS, "run", "--rootfs", root, "--hostname", "rootless", "--", "sh", "-c",
+             "id -u; echo $$; hostname; cat /proc/self/uid_map; "
+             "grep -c -E ' /(proc|sys|dev|tmp) ' /proc/mounts"],
+            capture_output=True, text=True, timeout=60, cwd=str(base),
+            env=dict(os.environ, TMPDIR=public))
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.split()
+        assert lines[:3] == ["0", "2", "rootless"]
+        assert lines[3:6] == ["0", "65534", "1"]
+        assert lines[6] == "4"
+    finally:
+        shutil.rmtree(public)
