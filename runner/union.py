@@ -131,8 +131,8 @@ class UnionStack:
         return lines[-1] if lines else "the server exited without a message"
 
     def _unmount(self):
-        if not is_mountpoint(self.mountpoint):
-            self.mounted = False
+        """Unmount if the mount table lists our mountpoint (even a dead FUSE mount)."""
+        if not is_listed_mountpoint(self.mountpoint):
             return
         if os.geteuid() == 0:
             try:
@@ -145,7 +145,6 @@ class UnionStack:
                                       os.environ)
                 if os.waitpid(pid, 0)[1] == 0:
                     break
-        self.mounted = is_mountpoint(self.mountpoint)
 
     def _stop_server(self):
         if self.server_pid is None:
@@ -172,18 +171,24 @@ class UnionStack:
             time.sleep(0.001)
 
     def close(self):
-        """Unmount, stop the server, remove the state (or keep the upper). Idempotent."""
+        """Unmount, stop the server, remove the state (or keep the upper).
+
+        Safe on every path: before, during or after mount(), and twice.
+        Returns a list of one-line problems (empty when all went well).
+        """
         problems = []
+        if self.server_pid is not None and not self.mounted:
+            # Interrupted before the mount went live: stop the server first.
+            os.kill(self.server_pid, signal.SIGTERM)
         try:
             self._unmount()
         except OSError as e:
             problems.append(f"unmount {self.mountpoint}: {e.strerror}")
-        if self.mounted and self.server_pid is not None:
-            # Unmount failed: stopping the server aborts the connection.
-            os.kill(self.server_pid, signal.SIGTERM)
         self._stop_server()
-        if self.mounted or is_mountpoint(self.mountpoint):
-            # Never delete through a live mount.
+        self.mounted = False
+        if is_listed_mountpoint(self.mountpoint):
+            # A server killed mid-start may leave a dead mount; never delete
+            # through a mount.
             try:
                 libc.umount2(self.mountpoint, libc.MNT_DETACH)
             except OSError as e:
@@ -198,6 +203,18 @@ class UnionStack:
         else:
             _remove_tree(self.state_dir)
         return problems
+
+
+def _mountinfo_escape(path):
+    return (path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+            .replace("\n", "\\012"))
+
+
+def is_listed_mountpoint(path):
+    """True if the mount table has a mount at `path` (works for dead FUSE mounts too)."""
+    wanted = _mountinfo_escape(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ", 5)[4] == wanted for line in f)
 
 
 def _remove_tree(path):

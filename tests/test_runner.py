@@ -48,8 +48,8 @@ def state_base(tmp_path, lower):
 
 
 def run(lower, state_base, *args, **kwargs):
-    env = dict(os.environ, TMPDIR=state_base)
-    return run_unionfs(["--lower", lower, *args], env=env, **kwargs)
+    kwargs.setdefault("env", dict(os.environ, TMPDIR=state_base))
+    return run_unionfs(["--lower", lower, *args], **kwargs)
 
 
 @pytest.mark.parametrize("command, status", [
@@ -356,3 +356,32 @@ def test_rootless_run_uses_a_user_namespace(lower, tmp_path_factory):
         assert lines[6] == "4"
     finally:
         shutil.rmtree(public)
+
+
+def _fake_mount_program(tmp_path, body):
+    """A stand-in mount program (the runner's documented debugging hook)."""
+    program = tmp_path / "mount-program"
+    program.write_text("#!/bin/sh\n" + body + "\n")
+    program.chmod(0o755)
+    return str(program)
+
+
+def test_a_failing_mount_is_one_line_and_leaves_nothing(lower, state_base, tmp_path):
+    program = _fake_mount_program(tmp_path, 'echo "fake: cannot mount $4" >&2; exit 1')
+    result = run(lower, state_base, "--", "true",
+                 env=dict(os.environ, TMPDIR=state_base, UNIONFS_RUN_MOUNT_PROGRAM=program))
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert "fake: cannot mount" in result.stderr
+
+
+def test_sigterm_while_mounting_stops_the_server_and_cleans_up(lower, state_base, tmp_path):
+    ready = tmp_path / "ready"
+    program = _fake_mount_program(tmp_path, f"touch {ready}; exec sleep 1001")
+    runner = subprocess.Popen(
+        [UNIONFS, "run", "--lower", lower, "--", "true"],
+        env=dict(os.environ, TMPDIR=state_base, UNIONFS_RUN_MOUNT_PROGRAM=program))
+    _wait_for(ready, runner)
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not processes_mentioning("sleep 1001")
