@@ -14,10 +14,10 @@ import errno
 import fcntl
 import os
 import stat
-import struct
 from dataclasses import dataclass
 
 from . import sysc, whiteout
+from .inodes import pack_key
 
 ORIGIN_XATTR = {whiteout.FORMAT_KERNEL: "trusted.unionfs.origin",
                 whiteout.FORMAT_OCI: "user.unionfs.origin"}
@@ -119,7 +119,7 @@ def _finish_meta(job: CopyJob, tmp: bytes, fd: int | None) -> None:
     copy_xattrs(src_path, tmp_path, follow=False)
     if job.origin is not None:
         try:
-            os.setxattr(tmp_path, ORIGIN_XATTR[job.fmt], struct.pack("<QQ", *job.origin),
+            os.setxattr(tmp_path, ORIGIN_XATTR[job.fmt], pack_key(job.origin),
                         follow_symlinks=False)
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP):
@@ -172,13 +172,15 @@ def _run(job: CopyJob) -> None:
     finally:
         if fd is not None:
             os.close(fd)
+    parent = whiteout.fd_path(job.dst_dir)
+    parent_st = os.stat(parent)
     try:
         sysc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, sysc.RENAME_NOREPLACE)
     except BaseException:
         _remove(job.work_dir, tmp)
         raise
-    if job.durable and stat.S_ISDIR(mode):
-        pass  # the directory's entries are not data: no fsync needed for atomicity
+    # a copy-up is no change of the parent directory: keep its times, as the kernel does
+    os.utime(parent, ns=(parent_st.st_atime_ns, parent_st.st_mtime_ns))
 
 
 def _remove(dirfd: int, name: bytes) -> None:

@@ -10,12 +10,11 @@ thread and then call commit_copyup; the core does the same inline otherwise.
 import errno
 import os
 import stat
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from . import copyup, sysc, whiteout
-from .inodes import ROOT_INO, Node, NodeTable
+from .inodes import ROOT_INO, Node, NodeTable, unpack_key
 from .layers import ABSENT_ERRNOS, Layer, list_names, lower_positive, lstat_at, probe
 
 UPPER = 0
@@ -182,12 +181,17 @@ class Union:
             try:
                 raw = os.getxattr(whiteout.entry_path(dfd, name), copyup.ORIGIN_XATTR[self.fmt],
                                   follow_symlinks=False)
-                if len(raw) == 16:
-                    return struct.unpack("<QQ", raw)
+                key = unpack_key(raw)
+                if key is not None:
+                    return key
             except OSError as e:
                 if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                     raise
-        return (found.st.st_dev, found.st.st_ino)
+        st = found.st
+        if found.layer != UPPER and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            path = parent.path()
+            return (st.st_dev, st.st_ino, (path + b"/" if path else b"") + name)
+        return (st.st_dev, st.st_ino)
 
     def _node_for(self, parent: Node, name: bytes, found) -> Node:
         key = self._key(parent, name, found)
@@ -195,10 +199,8 @@ class Union:
         node = self.nodes.get(ino)
         kind = stat.S_IFMT(found.st.st_mode)
         if node is None or node.kind != kind:
-            node = self.nodes.add(Node(ino, key, parent, name, kind, found.layer,
+            return self.nodes.add(Node(ino, key, parent, name, kind, found.layer,
                                        found.layers or (found.layer,)))
-            node.lower_nlink = found.st.st_nlink if found.layer != UPPER else 0
-            return node
         node.parent, node.name, node.unlinked = parent, name, False
         if kind == stat.S_IFDIR:
             new_layers = found.layers or (found.layer,)
@@ -242,6 +244,8 @@ class Union:
         for h in self.handles.values():
             if isinstance(h, Handle) and h.node is node:
                 return os.fstat(h.fd)
+        if node.orphan_st is not None:
+            return node.orphan_st
         raise err(errno.ENOENT, node.path())
 
     def stat(self, node: Node):
@@ -283,13 +287,9 @@ class Union:
         st = lstat_at(src_dir, node.name)
         if st is None:
             raise err(errno.ENOENT, node.path())
-        # Like the kernel without index: a multiply-linked lower file keeps no
-        # origin, so it gets the upper's own inode number (the links break).
-        multiply_linked = not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1
-        origin = None if multiply_linked else node.key
         dst_dir = self.upper_dirfd(node.parent)
         return copyup.CopyJob(os.dup(src_dir), node.name, os.dup(dst_dir), os.dup(self.work_fd),
-                              st, origin, self.fmt, self.durable)
+                              st, node.key, self.fmt, self.durable)
 
     def commit_copyup(self, node: Node) -> None:
         """After a copy: the node lives in upper; reopen read-only handles there."""
@@ -534,6 +534,8 @@ class Union:
             raise err(errno.EISDIR, name)
         self._require_upper()
         self.copy_up(parent)
+        if node.kind != stat.S_IFREG:
+            node.orphan_st = found.st     # FIFOs, devices: the kernel opens them, not us
         needs_whiteout = found.layer != UPPER or self._lower_positive(parent, name)
         self._remove_upper_entry(parent, name, needs_whiteout, is_dir=False)
         self._unlinked(node, parent, name)
@@ -594,6 +596,9 @@ class Union:
             raise err(errno.EEXIST, new_name)
         if dst is src and not exchange:
             return      # the same file under both names: nothing to do
+        self._require_upper()
+        if self._dir_in_lower(src_found) or (exchange and self._dir_in_lower(dst_found)):
+            raise err(errno.EXDEV)
         src_is_dir = src.kind == stat.S_IFDIR
         if dst is not None and not exchange:
             dst_is_dir = dst.kind == stat.S_IFDIR
@@ -603,9 +608,6 @@ class Union:
                 raise err(errno.EISDIR, new_name)
             if dst_is_dir and self._merged_names(dst):
                 raise err(errno.ENOTEMPTY, new_name)
-        self._require_upper()
-        if self._dir_in_lower(src_found) or (exchange and self._dir_in_lower(dst_found)):
-            raise err(errno.EXDEV)
         if src_is_dir and self._is_ancestor(src, new_parent):
             raise err(errno.EINVAL)
         self.copy_up(old_parent)

@@ -86,6 +86,8 @@ class Operations(pyfuse3.Operations):
                     job = self.u.copyup_job(n)
                     await trio.to_thread.run_sync(copyup.run, job, limiter=self._limiter)
                     self.u.commit_copyup(n)
+                    # attributes change with the move (ctime, a directory's nlink)
+                    pyfuse3.invalidate_inode(n.ino, attr_only=True)
             if not lock.statistics().tasks_waiting:
                 self._copy_locks.pop(n.ino, None)
 

@@ -7,6 +7,11 @@ its origin (the lower object it was copied up from, else its own), so the
 union's inode number is stable across copy-up and remount: the origin's real
 st_ino when every layer shares one filesystem (as the kernel reports), else a
 64-bit xxhash of the key, with collisions among live nodes detected.
+
+A lower file with several hard links gets one node per name (its key adds
+the path): copy-up breaks such links, as the kernel's does without an index,
+and pyfuse3 ties the FUSE node id to st_ino, so names that are about to stop
+sharing data must not share a node.
 """
 import struct
 
@@ -15,9 +20,21 @@ import xxhash
 ROOT_INO = 1
 
 
+def pack_key(key) -> bytes:
+    """Bytes of an identity key: (st_dev, st_ino) or (st_dev, st_ino, path)."""
+    return struct.pack("<QQ", key[0], key[1]) + (key[2] if len(key) > 2 else b"")
+
+
+def unpack_key(raw: bytes):
+    if len(raw) < 16:
+        return None
+    dev, ino = struct.unpack_from("<QQ", raw)
+    return (dev, ino) if len(raw) == 16 else (dev, ino, raw[16:])
+
+
 class Node:
     __slots__ = ("ino", "key", "parent", "name", "kind", "layer", "layers", "lookups",
-                 "unlinked", "handles", "lower_nlink", "__weakref__")
+                 "unlinked", "handles", "orphan_st", "__weakref__")
 
     def __init__(self, ino, key, parent, name, kind, layer, layers):
         self.ino = ino
@@ -30,7 +47,7 @@ class Node:
         self.lookups = 0
         self.unlinked = False
         self.handles = 0            # open file handles (keeps an unlinked node alive)
-        self.lower_nlink = 0
+        self.orphan_st = None        # last stat of a removed special file
 
     def path(self) -> bytes:
         parts = []
@@ -51,11 +68,11 @@ class NodeTable:
 
     def ino_for(self, key) -> int:
         """The union inode number for an identity key, without collisions."""
-        dev, ino = key
-        if dev == self.common_dev and ino > ROOT_INO:
-            candidate = ino
+        raw = pack_key(key)
+        if len(key) == 2 and key[0] == self.common_dev and key[1] > ROOT_INO:
+            candidate = key[1]
         else:
-            candidate = xxhash.xxh64_intdigest(struct.pack("<QQ", dev, ino))
+            candidate = xxhash.xxh64_intdigest(raw)
         seed = 0
         while True:
             if candidate > ROOT_INO:
@@ -63,7 +80,7 @@ class NodeTable:
                 if node is None or node.key == key:
                     return candidate
             seed += 1
-            candidate = xxhash.xxh64_intdigest(struct.pack("<QQ", dev, ino), seed=seed)
+            candidate = xxhash.xxh64_intdigest(raw, seed=seed)
 
     def get(self, ino: int) -> Node | None:
         return self.by_ino.get(ino)
