@@ -2,7 +2,7 @@
 
 Process tree (each arrow a plain fork, no new interpreter):
 
-    runner --fork--> keeper --fork--> init (PID 1) --fork--> command (exec)
+    runner --fork--> keeper --fork--> init (PID 1) --posix_spawn--> command
 
 - keeper: unshares the namespaces (a user namespace too when rootless), makes
   every mount private, forks init, forwards signals to it and exits with its
@@ -10,8 +10,9 @@ Process tree (each arrow a plain fork, no new interpreter):
   the new PID namespace, while the runner must stay in the host's mount
   namespace to unmount the union afterwards.
 - init: builds the root (see `setup_root`), then runs runner.init's PID 1 loop.
-- command: drops to the requested uid/gid and execs; exec failures become 127
-  (not found) or 126 (not executable) with a one-line message.
+- command: started by init with posix_spawn after init dropped to the
+  requested uid/gid and working dir; a failed exec becomes 127 (not found) or
+  126 (not executable) with a one-line message.
 
 Both keeper and init die with their parent (PR_SET_PDEATHSIG), so killing the
 keeper with SIGKILL takes the whole PID namespace down.
@@ -21,7 +22,6 @@ path.
 """
 import os
 import signal
-import sys
 
 from . import init as pid1
 from . import libc
@@ -120,8 +120,12 @@ def _init(plan, root):
     libc.sethostname(plan.hostname)
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
     _mkdirs(plan.cwd)
-    signal.signal(KILL_SIGNAL, signal.SIG_DFL)
-    return pid1.run_command(lambda: _exec_command(plan), FORWARDED_SIGNALS)
+    try:
+        _drop_privileges(plan)
+    except OSError as e:
+        say(f"cannot prepare the command: {_describe(e)}")
+        return SETUP_FAILED
+    return pid1.run_command(lambda: _spawn_command(plan), FORWARDED_SIGNALS)
 
 
 def _mkdirs(path, mode=0o755):
@@ -235,30 +239,23 @@ def setup_root(plan, root):
         os.close(fd)
 
 
-NOT_FOUND_ERRNOS = (2, 20)  # ENOENT, ENOTDIR
+# Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec; the
+# command must start with every signal at its default and none blocked.
+RESET_SIGNALS = (*BLOCKED_AROUND_FORK, signal.SIGPIPE, signal.SIGXFSZ)
 
 
-def _exec_command(plan):
-    """In the command's process: drop privileges and exec. Never returns."""
+def _drop_privileges(plan):
+    """PID 1 itself becomes the command's user: it needs no privilege after setup."""
+    if not plan.rootless:
+        os.setgroups([])
+    os.setgid(plan.gid)
+    os.setuid(plan.uid)
+    os.chdir(plan.cwd)
+
+
+def _spawn_command(plan):
     try:
-        if not plan.rootless:
-            os.setgroups([])
-        os.setgid(plan.gid)
-        os.setuid(plan.uid)
-        os.chdir(plan.cwd)
-    except OSError as e:
-        say(f"cannot prepare the command: {_describe(e)}")
-        os._exit(SETUP_FAILED)
-    name = plan.argv[0]
-    try:
-        os.execvpe(name, list(plan.argv), plan.environ)
-    except OSError as e:
-        if e.errno in NOT_FOUND_ERRNOS:
-            say(f"{name}: command not found in the container")
-            os._exit(127)
-        say(f"{name}: cannot execute: {e.strerror}")
-        os._exit(126)
-    except BaseException as e:
-        say(f"{name}: cannot execute: {e}")
-        os._exit(126)
-    sys.exit(126)  # unreachable; keeps linters quiet
+        return pid1.spawn_command(list(plan.argv), plan.environ, RESET_SIGNALS)
+    except pid1.CommandError as e:
+        say(str(e))
+        os._exit(e.status)
