@@ -5,7 +5,6 @@ one-line message, raised before anything is mounted or started, so that a bad
 option never leaves a mount or a process behind.
 """
 import os
-from dataclasses import dataclass, field
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NETWORK_MODES = ("none", "host")
@@ -18,30 +17,73 @@ class PlanError(ValueError):
     """A bad option or argument (one line)."""
 
 
-@dataclass(frozen=True)
-class Volume:
-    source: str       # absolute host path
-    target: str       # absolute path inside the container
-    read_only: bool = False
-    is_dir: bool = True
+class _Record:
+    """A plain value object (dataclasses would cost ~10 ms of start-up here)."""
+
+    __slots__ = ()
+    _defaults = {}
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self.__slots__)
+        if unknown:
+            raise TypeError(f"unknown fields: {', '.join(sorted(unknown))}")
+        for name in self.__slots__:
+            object.__setattr__(self, name, values[name] if name in values
+                               else self._defaults[name])
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def _values(self):
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other._values() == self._values()
+
+    def __hash__(self):
+        return hash(self._values())
+
+    def __repr__(self):
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
 
 
-@dataclass(frozen=True)
-class Plan:
-    argv: tuple
-    lowers: tuple = ()          # top layer first
-    upper: str | None = None    # None: a throwaway upper (and work) dir
-    work: str | None = None
-    rootfs: str | None = None   # an already mounted tree, used as is (no union)
-    hostname: str = "unionfs"
-    env: tuple = ()             # ((KEY, VALUE), ...), in order
-    cwd: str = "/"
-    uid: int = 0
-    gid: int = 0
-    net: str = "none"
-    volumes: tuple = ()
-    keep: bool = False
-    rootless: bool = field(default_factory=lambda: os.geteuid() != 0)
+class Volume(_Record):
+    """A host path bind-mounted into the container."""
+
+    __slots__ = ("source", "target", "read_only", "is_dir")
+    # source: absolute host path; target: absolute path inside the container
+    _defaults = {"read_only": False, "is_dir": True}
+
+    def __init__(self, source, target, read_only=False, is_dir=True):
+        super().__init__(source=source, target=target, read_only=read_only, is_dir=is_dir)
+
+
+class Plan(_Record):
+    """Everything one run will do; built (and checked) by build_plan()."""
+
+    __slots__ = ("argv", "lowers", "upper", "work", "rootfs", "hostname", "env", "cwd",
+                 "uid", "gid", "net", "volumes", "keep", "rootless")
+    _defaults = {
+        "lowers": (),        # top layer first
+        "upper": None,       # None: a throwaway upper (and work) dir
+        "work": None,
+        "rootfs": None,      # an already mounted tree, used as is (no union)
+        "hostname": "unionfs",
+        "env": (),           # ((KEY, VALUE), ...), in order
+        "cwd": "/",
+        "uid": 0,
+        "gid": 0,
+        "net": "none",
+        "volumes": (),
+        "keep": False,
+        "rootless": None,    # None: decided by the caller's euid
+    }
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        if self.rootless is None:
+            object.__setattr__(self, "rootless", os.geteuid() != 0)
 
     @property
     def environ(self):

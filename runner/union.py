@@ -10,7 +10,6 @@ Debugging aid: UNIONFS_RUN_MOUNT_PROGRAM=/usr/bin/fuse-overlayfs (or any
 program taking `-f -o lowerdir=..,upperdir=..,workdir=.. MNT`) replaces unionfs.
 """
 import os
-import shutil
 import signal
 import sys
 import time
@@ -45,6 +44,7 @@ def unionfs_program():
     beside = os.path.join(os.path.dirname(sys.executable), "unionfs")
     if os.access(beside, os.X_OK):
         return beside
+    import shutil
     found = shutil.which("unionfs")
     if not found:
         raise UnionError("the unionfs program was not found")
@@ -218,14 +218,28 @@ def is_listed_mountpoint(path):
 
 
 def _remove_tree(path):
-    def make_writable_and_retry(func, failed, exc_info):
-        # Containers may leave 0500 directories behind; the owner can fix that.
-        try:
-            os.chmod(os.path.dirname(failed), 0o700)
-            func(failed)
-        except OSError:
-            pass
-    shutil.rmtree(path, onerror=make_writable_and_retry)
+    """rm -rf without following symlinks (shutil costs ~5 ms to import)."""
+    for parent, dirs, files in os.walk(path, topdown=False):
+        for name in files + dirs:
+            entry = os.path.join(parent, name)
+            try:
+                if name in dirs and not os.path.islink(entry):
+                    os.rmdir(entry)
+                else:
+                    os.unlink(entry)
+            except PermissionError:
+                # Containers may leave 0500 directories behind; the owner can fix that.
+                try:
+                    os.chmod(parent, 0o700)
+                    (os.rmdir if name in dirs and not os.path.islink(entry) else os.unlink)(entry)
+                except OSError:
+                    pass
+            except OSError:
+                pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 __all__ = ["UnionStack", "UnionError", "PlanError", "MOUNT_PROGRAM_ENV"]
