@@ -36,7 +36,7 @@ def spawn_command(argv, env, reset_signals):
         try:
             os.stat(candidate)  # a failed spawn would use up a pid: look first
             return os.posix_spawn(candidate, argv, env, setsigmask=(),
-                                  setsigdef=reset_signals)
+                                  setsigdef=reset_signals, setpgroup=0)
         except OSError as e:
             if e.errno in NOT_FOUND_ERRNOS:
                 continue
@@ -48,13 +48,34 @@ def spawn_command(argv, env, reset_signals):
     raise CommandError(f"{name}: command not found in the container", 127)
 
 
-def run_command(spawn, forwarded_signals):
+def give_terminal(terminal, group):
+    """Make `group` the terminal's foreground process group, as a shell does for a job.
+
+    Then Ctrl-C, Ctrl-Z and terminal reads reach the command alone, never the
+    runner (which would take Ctrl-C as "stop the container"). SIGCONT wakes
+    the command if it touched the terminal before it owned it.
+    """
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.tcsetpgrp(terminal, group)
+        os.killpg(group, signal.SIGCONT)
+    except OSError:
+        pass
+    finally:
+        signal.signal(signal.SIGTTOU, previous)
+
+
+def run_command(spawn, forwarded_signals, terminal=None):
     """Start the command with `spawn()` and watch it; return its status.
 
-    Call with `forwarded_signals` blocked: a signal that arrives before the
-    command exists is then delivered to it instead of being lost.
+    The command runs in a process group of its own; with a `terminal` fd
+    that group gets the terminal. Call with `forwarded_signals` blocked: a
+    signal that arrives before the command exists is then delivered to it
+    instead of being lost.
     """
     command = spawn()
+    if terminal is not None:
+        give_terminal(terminal, command)
 
     def forward(signum, frame):
         try:

@@ -25,6 +25,26 @@ class RunError(RuntimeError):
     """The run could not be carried out (one line)."""
 
 
+def foreground_terminal():
+    """fd 0 if it is our controlling terminal and we are its foreground job, else None."""
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+            return 0
+    except OSError:
+        pass
+    return None
+
+
+def take_back_terminal(terminal):
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.tcsetpgrp(terminal, os.getpgrp())
+    except OSError:
+        pass
+    finally:
+        signal.signal(signal.SIGTTOU, previous)
+
+
 def execute(plan, announce=None):
     """Run `plan`; return the command's exit status (shell convention).
 
@@ -49,6 +69,7 @@ def execute(plan, announce=None):
     previous = {s: signal.signal(s, on_signal)
                 for s in (*sandbox.FORWARDED_SIGNALS, signal.SIGALRM)}
     stack = None
+    terminal = None
     try:
         if plan.rootfs is not None:
             root = plan.rootfs
@@ -57,9 +78,10 @@ def execute(plan, announce=None):
             root = stack.mount()
         sys.stdout.flush()
         sys.stderr.flush()
+        terminal = foreground_terminal()
         signal.pthread_sigmask(signal.SIG_BLOCK, sandbox.BLOCKED_AROUND_FORK)
         try:
-            keeper = sandbox.start(plan, root)
+            keeper = sandbox.start(plan, root, terminal)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, sandbox.BLOCKED_AROUND_FORK)
         _, status = os.waitpid(keeper, 0)
@@ -71,6 +93,8 @@ def execute(plan, announce=None):
         raise RunError(str(e)) from None
     finally:
         signal.alarm(0)
+        if terminal is not None:
+            take_back_terminal(terminal)
         if stack is not None:
             # No signal may cut the teardown short.
             signal.pthread_sigmask(signal.SIG_BLOCK, sandbox.FORWARDED_SIGNALS)

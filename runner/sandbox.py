@@ -46,14 +46,18 @@ def exit_code_of(status):
     return os.WEXITSTATUS(status)
 
 
-def start(plan, root):
-    """Fork the keeper; return its pid. Call with BLOCKED_AROUND_FORK blocked."""
+def start(plan, root, terminal=None):
+    """Fork the keeper; return its pid. Call with BLOCKED_AROUND_FORK blocked.
+
+    `terminal`: an fd of the controlling terminal when the runner is in its
+    foreground; the command then gets the terminal (see runner.init).
+    """
     parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     try:
-        status = _keeper(plan, root, parent)
+        status = _keeper(plan, root, parent, terminal)
     except BaseException as e:  # never return into the runner's code
         say(f"cannot create the container: {_describe(e)}")
         status = SETUP_FAILED
@@ -73,7 +77,7 @@ def _die_with_parent(parent):
         os._exit(SETUP_FAILED)
 
 
-def _keeper(plan, root, parent):
+def _keeper(plan, root, parent, terminal):
     _die_with_parent(parent)
     host_uid, host_gid = os.geteuid(), os.getegid()
     flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC
@@ -91,7 +95,7 @@ def _keeper(plan, root, parent):
     if child == 0:
         try:
             _die_with_parent(0)  # the keeper is outside our PID namespace: ppid 0
-            status = _init(plan, root)
+            status = _init(plan, root, terminal)
         except BaseException as e:
             say(f"cannot create the container: {_describe(e)}")
             status = SETUP_FAILED
@@ -114,7 +118,7 @@ def _write_file(path, text):
         os.close(fd)
 
 
-def _init(plan, root):
+def _init(plan, root, terminal):
     """PID 1: build the root, then start and watch the command."""
     setup_root(plan, root)
     libc.sethostname(plan.hostname)
@@ -125,7 +129,7 @@ def _init(plan, root):
     except OSError as e:
         say(f"cannot prepare the command: {_describe(e)}")
         return SETUP_FAILED
-    return pid1.run_command(lambda: _spawn_command(plan), FORWARDED_SIGNALS)
+    return pid1.run_command(lambda: _spawn_command(plan), FORWARDED_SIGNALS, terminal)
 
 
 def _mkdirs(path, mode=0o755):

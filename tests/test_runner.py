@@ -385,3 +385,43 @@ def test_sigterm_while_mounting_stops_the_server_and_cleans_up(lower, state_base
     runner.send_signal(signal.SIGTERM)
     assert runner.wait(timeout=30) == 128 + signal.SIGTERM
     assert not processes_mentioning("sleep 1001")
+
+
+def test_interactive_ctrl_c_reaches_the_command_not_the_runner(lower, state_base):
+    # On a terminal the command's process group owns it, as a shell's job would:
+    # Ctrl-C interrupts `sleep` inside, and the container keeps running.
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ["TMPDIR"] = state_base
+        os.execv(UNIONFS, [UNIONFS, "run", "--lower", lower, "--", "sh", "-i"])
+    seen = b""
+
+    def read_until(marker, limit=30.0):
+        nonlocal seen
+        deadline = time.monotonic() + limit
+        while marker not in seen:
+            assert time.monotonic() < deadline, f"never saw {marker!r} in {seen!r}"
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    break
+        return seen
+
+    try:
+        read_until(b"# ")
+        os.write(fd, b"sleep 1002; echo after-sleep\n")
+        read_until(b"sleep 1002")
+        while not processes_mentioning("sleep 1002"):
+            time.sleep(0.02)
+        os.write(fd, b"\x03")
+        os.write(fd, b"echo alive; exit 5\n")
+        read_until(b"alive")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 5
+    assert not processes_mentioning("sleep 1002")
