@@ -5,8 +5,10 @@ once, in turn), median of N rounds:
 
 - premounted_time: the runner's own overhead on an already mounted stack.
   Every contender gets the same live unionfs mount as its root: chroot,
-  unshare + chroot, bwrap --unshare-all, runc, `unionfs run --rootfs`, and
-  the runner called in-process (no interpreter start, no CLI).
+  unshare + chroot, bwrap --unshare-all, runc, `unionfs run --rootfs`, the
+  same CLI started with `python -S` (no site hooks: what a non-editable
+  install could do), and the runner called in-process (no interpreter start,
+  no CLI).
 - end_to_end_time: mount the layers, run, unmount, clean up: `unionfs run
   --lower`, the same with fuse-overlayfs as the mount program, and podman
   with fuse-overlayfs as its mount program.
@@ -22,6 +24,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 
@@ -32,6 +35,10 @@ from .union import MOUNT_PROGRAM_ENV
 UNIONFS = os.path.join(os.path.dirname(sys.executable), "unionfs")
 BUSYBOX = "/bin/busybox"
 PREMOUNTED, END_TO_END = "premounted_time", "end_to_end_time"
+NO_SITE_MAIN = (
+    "import sys; sys.path[:0] = {paths!r}; sys.argv[0] = 'unionfs'; "
+    "from unionfs.cli import main; main()").format(paths=[
+        sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(__file__))])
 PODMAN_ULIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"]
 
 
@@ -169,6 +176,10 @@ def contenders(setup):
             "runc", "--root", state, "run", "--bundle", bundle, f"startup-{os.getpid()}-{rep}"]))
     found.append(Contender("unionfs-run", PREMOUNTED, lambda rep: [
         UNIONFS, "run", "--rootfs", mnt, "--", "/bin/true"]))
+    # The same CLI without `site` (whose editable-install hook costs ~50 ms
+    # here): what a plain, non-editable install could start like.
+    found.append(Contender("unionfs-run(python -S)", PREMOUNTED, lambda rep: [
+        sys.executable, "-S", "-c", NO_SITE_MAIN, "run", "--rootfs", mnt, "--", "/bin/true"]))
 
     from .plan import build_plan
     from .run import execute
