@@ -28,11 +28,10 @@ def _split(values):
 @click.option("--workloads", "workload_names", multiple=True, metavar="NAME[,NAME]",
               help="Only these workloads or workload groups (default: all).")
 @click.option("--configs", "config_names", multiple=True, metavar="NAME[,NAME]",
-              help="ext4 (the host filesystem) and/or xfs-reflink "
-                   "(default: both; --quick: ext4).")
+              help="ext4 (the host filesystem) and/or xfs-reflink (default: both).")
 @click.option("--reps", type=click.IntRange(1), help="Repetitions (default 5; --quick 1).")
 @click.option("--heavy-reps", type=click.IntRange(1),
-              help="Repetitions of the 1 GiB workloads (default 3; --quick 1).")
+              help="Repetitions of the 1 GiB workloads (default 5; --quick 1).")
 @click.option("--timeout", default=None, type=click.IntRange(1),
               help="Seconds before one workload run counts as hung (default 600; --quick 60).")
 def bench(quick, out_dir, target_names, workload_names, config_names, reps, heavy_reps, timeout):
@@ -46,7 +45,7 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
             raise click.UsageError(f"unknown target {name!r}; known: {', '.join(known)}")
     if wanted:
         targets = [t for t in targets if t.name in wanted]
-    configs = _split(config_names) or (["ext4"] if quick else list(CONFIGS))
+    configs = _split(config_names) or list(CONFIGS)
     for name in configs:
         if name not in CONFIGS:
             raise click.UsageError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
@@ -98,7 +97,7 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
                                                    suitemod.fstype_of(xfs_stack.root), chosen))
         runner = suitemod.Suite(
             config_objs, targets, out_dir, quick,
-            reps or (1 if quick else 5), heavy_reps or (1 if quick else 3),
+            reps or (1 if quick else 5), heavy_reps or (1 if quick else 5),
             timeout or (60 if quick else 600), log)
         runner.run()
     finally:

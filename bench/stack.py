@@ -27,7 +27,7 @@ import sysconfig
 import tarfile
 
 CACHE_ROOT = os.environ.get("UNIONFS_BENCH_CACHE", "/var/tmp/unionfs-bench")
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 LAYER_NAMES = ("l1", "l2", "l3", "l4")  # top first
 UF_META = ".unionfs-fuse"
 UF_SUFFIX = "_HIDDEN~"
@@ -59,7 +59,7 @@ class StackParams:
 
 
 FULL = StackParams(
-    name="full", seed=20261129, real_files=7000, merged_files=31000, whiteouts=1200,
+    name="full", seed=20261129, real_files=7000, merged_files=32000, whiteouts=1200,
     bigdir_entries=10500, big_sizes=(MiB, 64 * MiB, GiB), git_files=400, tar_files=1500,
     compile_files=150, opaque_lower_files=60, deep_depth=16, symlinks=100,
 )
@@ -280,6 +280,11 @@ def _generate_layers(params, root, log):
     # stat data the way git does on a checkout that was copied: mtime and size.
     git("config", "core.checkStat", "minimal")
     git("config", "core.trustctime", "false")
+    # Files older than the index are not "racily clean": git status then only
+    # stats them and has no reason to rewrite the index.
+    for dirpath, dirnames, filenames in os.walk(repo):
+        for name in filenames:
+            os.utime(os.path.join(dirpath, name), (1_700_000_000, 1_700_000_000))
     git("add", "-A")
     git("commit", "-q", "-m", "bench: initial import")
     repo_files = []
@@ -439,6 +444,21 @@ def _list_meta(params, reference, owner):
     }
 
 
+def _prune_stale(cache_root, params, keep, log):
+    """Remove stacks of the same preset built with other parameters or generator versions."""
+    if not os.path.isdir(cache_root):
+        return
+    for name in os.listdir(cache_root):
+        path = os.path.join(cache_root, name)
+        if path == keep or not name.startswith(params.name + "-"):
+            continue
+        xfs_mnt = os.path.join(path, "xfs-mnt")
+        if os.path.ismount(xfs_mnt):
+            continue  # in use by a running bench
+        log(f"stack: removing the stale stack {path}")
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def build(params, log=print, cache_root=CACHE_ROOT):
     """Return the cached Stack for `params`, generating it first if needed."""
     root = os.path.join(cache_root, f"{params.name}-{params.digest()}")
@@ -446,6 +466,7 @@ def build(params, log=print, cache_root=CACHE_ROOT):
     if os.path.exists(done):
         with open(os.path.join(root, "meta.json")) as f:
             return Stack(root, json.load(f))
+    _prune_stale(cache_root, params, root, log)
     if os.path.exists(root):
         log(f"stack: removing an unfinished build at {root}")
         shutil.rmtree(root)

@@ -69,6 +69,17 @@ def drop_file_cache(paths):
             os.close(fd)
 
 
+def read_into_cache(paths):
+    buf = bytearray(1 << 20)
+    for path in paths:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+        except OSError:
+            pass
+
+
 def _rmtree(path):
     if os.path.lexists(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -127,7 +138,11 @@ class NativeGuard:
         for rel in touched:
             path = os.path.join(root, rel)
             st = os.lstat(path)
-            self.saved.append((path, st, os.listxattr(path, follow_symlinks=False)))
+            content = None
+            if st.st_size <= (1 << 20):  # small files (e.g. git's index) may be rewritten
+                with open(path, "rb") as f:
+                    content = f.read()
+            self.saved.append((path, st, os.listxattr(path, follow_symlinks=False), content))
 
     def restore(self):
         for rel in self.created:
@@ -136,8 +151,14 @@ class NativeGuard:
                 _rmtree(path)
             elif os.path.lexists(path):
                 os.unlink(path)
-        for path, st, xattrs in self.saved:
-            if os.path.getsize(path) != st.st_size:
+        for path, st, xattrs, content in self.saved:
+            if content is not None:
+                with open(path, "rb") as f:
+                    changed = f.read() != content
+                if changed:
+                    with open(path, "wb") as f:
+                        f.write(content)
+            elif os.path.getsize(path) != st.st_size:
                 os.truncate(path, st.st_size)
             for name in os.listxattr(path, follow_symlinks=False):
                 if name not in xattrs:
@@ -221,6 +242,13 @@ class Suite:
         if workload.kind != "mount":
             drop_file_cache(p for rel in workload.cold_files(meta)
                             for p in config.stack.physical_copies(rel))
+            read_into_cache(p for rel in workload.warm_files(meta)
+                            for p in config.stack.physical_copies(rel))
+        # Start every run without dirty pages of the previous one (writeback
+        # of an earlier 1 GiB write would land in this run's time). The quick
+        # smoke run writes little and skips it.
+        if not self.quick:
+            os.sync()
         try:
             if target.kind == "native":
                 if workload.kind == "mount":

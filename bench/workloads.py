@@ -44,7 +44,8 @@ class Workload:
     heavy: bool = False              # 1 GiB class: fewer repetitions
     touched: object = lambda meta: []
     created: object = lambda meta: []
-    cold_files: object = lambda meta: []
+    cold_files: object = lambda meta: []   # page cache dropped before the mount
+    warm_files: object = lambda meta: []   # read into the page cache before the mount
     kind: str = "timed"              # "timed", "mount" or "correctness"
 
 
@@ -274,14 +275,16 @@ def build_workloads(meta):
     wl = []
     for i, label in enumerate(labels):
         wl.append(Workload(f"append-{label}", "copyup", append_workload(i), heavy=(i == 2),
-                           touched=lambda m, i=i: [m["big_files"][i]]))
+                           touched=lambda m, i=i: [m["big_files"][i]],
+                           warm_files=lambda m, i=i: [m["big_files"][i]]))
     for op in ("chmod", "chown", "utimes", "setxattr"):
         wl.append(Workload(f"{op}-{mid}", "metadata-copyup", meta_copyup(op),
-                           touched=lambda m: [m["big_files"][1]]))
+                           touched=lambda m: [m["big_files"][1]],
+                           warm_files=lambda m: [m["big_files"][1]]))
     wl.append(Workload("smallfile-copyup", "copyup", smallfile_copyup(1),
-                       touched=lambda m: m["small_files"]))
+                       touched=lambda m: m["small_files"], warm_files=lambda m: m["small_files"]))
     wl.append(Workload("smallfile-copyup-4threads", "copyup", smallfile_copyup(4),
-                       touched=lambda m: m["small_files"]))
+                       touched=lambda m: m["small_files"], warm_files=lambda m: m["small_files"]))
     wl.append(Workload("stat-all", "lookup", stat_all))
     wl.append(Workload("readdir-bigdir", "lookup", readdir_big))
     wl.append(Workload("walk", "lookup", walk_tree))
@@ -294,7 +297,8 @@ def build_workloads(meta):
     wl.append(Workload(f"seqwrite-{labels[2]}-fsync", "write", seq_write(True), heavy=True,
                        created=lambda m: [NEW_FILE]))
     wl.append(Workload("untar-rm", "tools", untar_rm, created=lambda m: ["untar"]))
-    wl.append(Workload("git-status", "tools", git_status))
+    wl.append(Workload("git-status", "tools", git_status,
+                       touched=lambda m: ["repo/.git/index"]))
     wl.append(Workload("compileall", "tools", compileall,
                        created=lambda m: ["pysrc/__pycache__"]))
     wl.append(Workload("latency", "latency", latency))

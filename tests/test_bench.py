@@ -80,6 +80,15 @@ def test_quick_run_covers_unionfs_and_every_workload(quick_run):
         pytest.skip("unionfs itself did not run in the bench")
 
 
+@pytest.mark.timeout(240)
+def test_unionfs_runs_every_workload_without_error(quick_run):
+    _out, records, _log = quick_run
+    errors = [f"{r['impl']} {r['config']} {r['workload']}: {r.get('reason')}"
+              for r in records if r["impl"].startswith("unionfs")
+              and r["impl"] != "unionfs-fuse" and r["metric"] == "error"]
+    assert not errors, errors
+
+
 def test_unknown_target_is_a_usage_error():
     proc = bench("--quick", "--targets", "no-such-fs", timeout=60)
     assert proc.returncode == 2
