@@ -154,6 +154,15 @@ def _check_layer_path(path, what):
     return path
 
 
+def resolve_lowers(specs):
+    """--lower values -> layer directories, top first.
+
+    The door for images: an image reference will be resolved here into its
+    unpacked layer directories (another issue); today only directories are.
+    """
+    return tuple(_check_layer_path(_existing_dir(d, "--lower"), "--lower") for d in specs)
+
+
 def build_plan(argv, lowers=(), upper=None, work=None, rootfs=None, hostname="unionfs",
                env=(), workdir="/", user=None, net="none", volumes=(), keep=False,
                host_env=None, rootless=None):
@@ -174,7 +183,7 @@ def build_plan(argv, lowers=(), upper=None, work=None, rootfs=None, hostname="un
         raise PlanError(f"bad --hostname {hostname!r}")
     if not workdir.startswith("/"):
         raise PlanError(f"bad -w {workdir!r}: must be an absolute path")
-    lowers = tuple(_check_layer_path(_existing_dir(d, "--lower"), "--lower") for d in lowers)
+    lowers = resolve_lowers(lowers)
     if upper is not None:
         upper = _check_layer_path(_existing_dir(upper, "--upper"), "--upper")
         work = _check_layer_path(_existing_dir(work, "--work"), "--work")
