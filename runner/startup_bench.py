@@ -15,8 +15,8 @@ once, in turn), median of N rounds:
 
 `measure_startup()` returns one record per timed run:
 {impl, workload: "startup", metric, value, unit: "ms", rep}. A contender whose
-tool is missing is left out (and named in `skipped`); one that fails is
-reported with its error. `python -m runner.startup_bench` prints a table.
+tool is missing is left out, one that fails stops being timed; both are named
+in the optional `notes` dict. `python -m runner.startup_bench` prints a table.
 """
 import json
 import os
@@ -202,27 +202,33 @@ def contenders(setup):
     return found
 
 
-def measure_startup(reps=15, rootfs=None, warmup=1):
-    """Interleaved timings; returns (records, skipped {impl: reason}, errors {impl: msg})."""
+def measure_startup(reps=15, rootfs=None, warmup=1, notes=None):
+    """Time every contender `reps` times, interleaved; return the list of records.
+
+    `notes`, if given, is a dict that receives {impl: reason} for contenders
+    that were skipped (tool missing) or failed (non-zero exit).
+    """
+    notes = {} if notes is None else notes
     setup = Setup(rootfs)
-    records, errors = [], {}
+    records = []
     try:
         setup.mount()
         field = contenders(setup)
+        notes.update((impl, f"skipped: {why}") for impl, why in setup.skipped.items())
         for rep in range(-warmup, reps):
             for contender in field:
                 if contender.error:
                     continue
                 seconds, status = contender.time_once(rep)
                 if status != 0:
-                    contender.error = f"exit status {status}"
-                    errors[f"{contender.impl} {contender.metric}"] = contender.error
+                    contender.error = f"failed: exit status {status}"
+                    notes[f"{contender.impl} ({contender.metric})"] = contender.error
                     continue
                 if rep >= 0:
                     records.append({"impl": contender.impl, "workload": "startup",
                                     "metric": contender.metric, "value": seconds * 1000,
                                     "unit": "ms", "rep": rep})
-        return records, dict(setup.skipped), errors
+        return records
     finally:
         setup.close()
 
@@ -262,12 +268,11 @@ def format_table(records):
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines too.")
 def main(reps, rootfs, as_json):
     """Time `/bin/true` under unionfs run and its peers; print a table."""
-    records, skipped, errors = measure_startup(reps, rootfs and os.path.abspath(rootfs))
+    notes = {}
+    records = measure_startup(reps, rootfs and os.path.abspath(rootfs), notes=notes)
     click.echo(format_table(records))
-    for impl, reason in skipped.items():
-        click.echo(f"skipped {impl}: {reason}")
-    for impl, error in errors.items():
-        click.echo(f"failed {impl}: {error}")
+    for impl, note in notes.items():
+        click.echo(f"{impl}: {note}")
     if as_json:
         for record in records:
             click.echo(json.dumps(record))
