@@ -102,7 +102,7 @@ class Layers:
                     fds[i] = layers.Layer.open(i, str(p)).open_dir(parent)
                 except OSError:
                     fds[i] = None
-            return layers.probe(None, list(range(len(self.paths))), fds.get, name)
+            return layers.probe(list(range(len(self.paths))), fds.get, name)
         finally:
             for fd in fds.values():
                 if fd is not None:

@@ -173,7 +173,7 @@ class Union:
     def _probe(self, parent: Node, name: bytes):
         if whiteout.is_marker_name(name):
             return None
-        return probe(self.layers, parent.layers, lambda li: self.dirfd(parent, li), name)
+        return probe(parent.layers, lambda li: self.dirfd(parent, li), name)
 
     def _key(self, parent: Node, name: bytes, found) -> tuple:
         if found.layer == UPPER:
@@ -223,6 +223,8 @@ class Union:
             if found is None:
                 raise err(errno.ENOENT, name)
             node = self._node_for(parent, name, found)
+            node.lookups += 1
+            return node, self.stat(node, found)
         node.lookups += 1
         return node, self.stat(node)
 
@@ -248,9 +250,13 @@ class Union:
             return node.orphan_st
         raise err(errno.ENOENT, node.path())
 
-    def stat(self, node: Node):
-        """(stat_result, nlink) of a node as the union shows it."""
-        st = self._stat_raw(node)
+    def stat(self, node: Node, found=None):
+        """(stat_result, nlink) of a node as the union shows it; `found`, a
+        fresh probe result for the node, saves a second lstat."""
+        if found is not None and found.layer == node.layer and not node.unlinked:
+            st = found.st
+        else:
+            st = self._stat_raw(node)
         if node.unlinked:
             nlink = 0
         elif node.kind == stat.S_IFDIR and len(node.layers) > 1:
@@ -342,10 +348,6 @@ class Union:
             mode &= ~stat.S_ISGID
         return caller.uid, gid, mode
 
-    def _needs_opaque(self, parent: Node, name: bytes) -> bool:
-        """Would a new directory here merge with a lower one?"""
-        return lower_positive(parent.layers, lambda li: self.dirfd(parent, li), name, UPPER)
-
     def _create(self, parent: Node, name: bytes, kind: int, perm: int, caller: Caller, *,
                 target: bytes = b"", rdev: int = 0, open_flags: int | None = None):
         """Create a new object in upper where the union has none.
@@ -363,7 +365,7 @@ class Union:
         if ust is not None and not whiteout.is_whiteout(udfd, name, ust):
             raise err(errno.EEXIST, name)
         uid, gid, mode = self._owner_for(parent, caller, kind | perm)
-        opaque = kind == stat.S_IFDIR and (over_whiteout or self._needs_opaque(parent, name))
+        opaque = kind == stat.S_IFDIR and (over_whiteout or self._lower_positive(parent, name))
         via_work = over_whiteout or opaque
         where, wname = (self.work_fd, copyup.temp_name()) if via_work else (udfd, name)
         fd = None
@@ -401,7 +403,7 @@ class Union:
         return node, fd
 
     def _probe_below(self, parent: Node, name: bytes) -> tuple:
-        found = probe(self.layers, parent.layers[1:], lambda li: self.dirfd(parent, li), name)
+        found = probe(parent.layers[1:], lambda li: self.dirfd(parent, li), name)
         return found.layers if found is not None and found.layers else ()
 
     def _make(self, dirfd, name, kind, mode, uid, gid, target, rdev, open_flags):
@@ -836,7 +838,7 @@ class Union:
             if found is None:
                 continue
             child = self._node_for(node, name, found)
-            yield i + 1, name, child, self.stat(child)
+            yield i + 1, name, child, self.stat(child, found)
 
     def releasedir(self, fh):
         self.handles.pop(fh, None)

@@ -55,42 +55,39 @@ class Found:
     layer: int                        # layer of the top (visible) object
     st: os.stat_result                # its lstat
     layers: tuple = ()                # for directories: layers that merge, top first
-    opaque_in_top: bool = False
-    lower_positive: bool = False      # some lower layer (below top) held the name
 
 
-def probe(layers: list, parent_layers, dirfd_of, name: bytes) -> Found | None:
+def probe(parent_layers, dirfd_of, name: bytes) -> Found | None:
     """Resolve NAME in a merged directory.
 
     parent_layers: indices of the layers in which the parent is a directory,
     top first (already cut at an opaque layer). dirfd_of(layer) gives the
     parent's fd in that layer. Applies the whiteout rules of both formats;
-    returns None when the name is absent or whited out.
+    returns None when the name is absent or whited out. Markers that could
+    only hide layers below matter only when there are such layers, so the
+    common single-layer case costs one lstat.
     """
     found = None
     merged = []
-    for li in parent_layers:
+    last = len(parent_layers) - 1
+    for pos, li in enumerate(parent_layers):
         dfd = dirfd_of(li)
         if dfd is None:
             continue
+        more_below = pos < last
         st = lstat_at(dfd, name)
         if st is not None:
             if whiteout.is_whiteout(dfd, name, st):
                 break
-            is_dir = stat.S_ISDIR(st.st_mode)
             if found is None:
                 found = Found(li, st)
-                if not is_dir:
-                    break
-            elif not is_dir:
+            if not stat.S_ISDIR(st.st_mode):
                 break
             merged.append(li)
-            if _child_is_opaque(dfd, name):
-                if li == found.layer:
-                    found.opaque_in_top = True
+            if more_below and _child_is_opaque(dfd, name):
                 break
         # an OCI whiteout hides NAME in the layers below this one
-        if whiteout.has_oci_whiteout(dfd, name):
+        if more_below and whiteout.has_oci_whiteout(dfd, name):
             break
     if found is not None and merged:
         found.layers = tuple(merged)
@@ -98,16 +95,10 @@ def probe(layers: list, parent_layers, dirfd_of, name: bytes) -> Found | None:
 
 
 def _child_is_opaque(dirfd: int, name: bytes) -> bool:
-    try:
-        fd = sysc.openat2(dirfd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as e:
-        if e.errno in ABSENT_ERRNOS:
-            return False
-        raise
-    try:
-        return whiteout.is_opaque_dir(fd)
-    finally:
-        os.close(fd)
+    """Is the directory dirfd/name (just lstat'ed as a directory) opaque?"""
+    if whiteout.has_opaque_xattr(whiteout.entry_path(dirfd, name)):
+        return True
+    return lstat_at(dirfd, name + b"/" + whiteout.OPAQUE_MARKER) is not None
 
 
 def lower_positive(parent_layers, dirfd_of, name: bytes, below: int) -> bool:

@@ -74,6 +74,10 @@ def is_whiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
     return False
 
 
+def has_opaque_xattr(path: bytes) -> bool:
+    return _has_xattr(path, OPAQUE_XATTRS, follow=False, want=b"y")
+
+
 def is_opaque_dir(dir_fd: int) -> bool:
     """Is the directory open as dir_fd opaque (xattr form or OCI marker)?"""
     if _has_xattr(fd_path(dir_fd), OPAQUE_XATTRS, follow=True, want=b"y"):
