@@ -60,6 +60,7 @@ class Stack:
     work: Path
     mnt: Path
     upper_oci_markers: set = field(default_factory=set)  # relpaths of OCI markers in upper
+    upper_marker_inos: set = field(default_factory=set)  # their st_ino (set by the harness)
 
 
 def _times_for(layer_name, rel):

@@ -250,6 +250,90 @@ def _x_listdir(p):
     return sorted(os.listdir(p))
 
 
+def _x_rename_cycle(a, b, tmp):
+    """a -> tmp, b -> a, tmp -> b: a swap through a third name (chains and cycles)."""
+    out = []
+    for src, dst in ((a, tmp), (b, a), (tmp, b)):
+        try:
+            os.rename(src, dst)
+            out.append("ok")
+        except OSError as e:
+            out.append(errno.errorcode.get(e.errno, str(e.errno)))
+    return tuple(out)
+
+
+def _x_empty_rmdir(p):
+    """Delete every entry of a dir through the union (depth first), then the dir."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(p, topdown=False):
+        for n in sorted(filenames) + sorted(n for n in dirnames
+                                            if os.path.islink(os.path.join(dirpath, n))):
+            try:
+                os.unlink(os.path.join(dirpath, n))
+            except OSError as e:
+                out.append((n, errno.errorcode.get(e.errno, str(e.errno))))
+        for n in sorted(dirnames):
+            if not os.path.islink(os.path.join(dirpath, n)):
+                try:
+                    os.rmdir(os.path.join(dirpath, n))
+                except OSError as e:
+                    out.append((n, errno.errorcode.get(e.errno, str(e.errno))))
+    os.rmdir(p)
+    return tuple(out)
+
+
+def _as_user(mnt, uid, gid, fn, *args):
+    """Run fn(*args) in a child with the given uid/gid (no capabilities); return its result.
+
+    The child first enters the mountpoint as root and then uses relative paths,
+    so the (root-only) dirs above the mountpoint do not get in the way.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into the test
+        try:
+            os.close(r)
+            os.chdir(mnt)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            try:
+                res = ("ok", repr(fn(*args)))
+            except OSError as e:
+                res = ("err", errno.errorcode.get(e.errno, str(e.errno)))
+            os.write(w, repr(res).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return data.decode()
+
+
+# user_* executors take (mountpoint, relpath, ...): see _as_user
+
+def _x_user_open(mnt, p, uid, flags):
+    return _as_user(mnt, uid, uid, lambda: _x_open(p, flags, 3, 7))
+
+
+def _x_user_truncate(mnt, p, uid, size):
+    return _as_user(mnt, uid, uid, lambda: os.truncate(p, size))
+
+
+def _x_user_utime(mnt, p, uid, explicit):
+    return _as_user(mnt, uid, uid,
+                    lambda: os.utime(p, ns=(10**18, 10**18)) if explicit else os.utime(p))
+
+
+def _x_user_unlink(mnt, p, uid):
+    return _as_user(mnt, uid, uid, lambda: os.unlink(p))
+
+
+def _x_user_mkdir(mnt, p, uid):
+    return _as_user(mnt, uid, uid, lambda: os.mkdir(p, 0o755))
+
+
 # op name -> (executor, indexes of args that are relpaths)
 EXECUTORS = {
     "open": (_x_open, (0,)),
@@ -278,6 +362,13 @@ EXECUTORS = {
     "mkfifo": (_x_mkfifo, (0,)),
     "stat": (_x_stat, (0,)),
     "listdir": (_x_listdir, (0,)),
+    "rename_cycle": (_x_rename_cycle, (0, 1, 2)),
+    "empty_rmdir": (_x_empty_rmdir, (0,)),
+    "user_open": (_x_user_open, (0,)),  # relpath arg 0, but not joined: see run_op
+    "user_truncate": (_x_user_truncate, (0,)),
+    "user_utime": (_x_user_utime, (0,)),
+    "user_unlink": (_x_user_unlink, (0,)),
+    "user_mkdir": (_x_user_mkdir, (0,)),
 }
 
 
@@ -289,7 +380,10 @@ def run_op(mnt, op):
     """Execute `op` under `mnt`; return ("ok", value) or ("err", errno name)."""
     name, *args = op
     fn, path_args = EXECUTORS[name]
-    args = [_join(mnt, a) if i in path_args else a for i, a in enumerate(args)]
+    if name.startswith("user_"):
+        args = [str(mnt)] + args  # relative paths, resolved in the child from the mountpoint
+    else:
+        args = [_join(mnt, a) if i in path_args else a for i, a in enumerate(args)]
     try:
         return ("ok", fn(*args))
     except OSError as e:
@@ -380,8 +474,10 @@ def choose_op(rng, names, counter):
         ["open", "pwrite", "append", "read", "truncate", "ftruncate", "stale_fd",
          "unlink_open", "chmod", "chown", "utime", "setxattr", "getxattr", "listxattr",
          "removexattr", "mkdir", "rmdir", "unlink", "rename", "renameat2", "symlink",
-         "readlink", "link", "mkfifo", "stat", "listdir"],
-        weights=[16, 5, 4, 3, 5, 2, 2, 1, 3, 3, 4, 4, 2, 2, 4, 4, 5, 5, 6, 5, 3, 1, 4, 1, 2, 2])[0]
+         "readlink", "link", "mkfifo", "stat", "listdir", "rename_cycle", "empty_rmdir",
+         "user_op"],
+        weights=[16, 5, 4, 3, 5, 2, 2, 1, 3, 3, 4, 4, 2, 2, 4, 4, 5, 5, 6, 5, 3, 1, 4, 1, 2, 2,
+                 2, 2, 4])[0]
     if kind == "open":
         flags = rng.choice(ACCESS_MODES)[1]
         for _, v in EXTRA_FLAGS:
@@ -456,4 +552,22 @@ def choose_op(rng, names, counter):
         return ("stat", any_path(), rng.random() < 0.5)
     if kind == "listdir":
         return ("listdir", any_path("dir"))
+    if kind == "rename_cycle":
+        return ("rename_cycle", any_path(), any_path(), new_path())
+    if kind == "empty_rmdir":
+        return ("empty_rmdir", any_path("dir"))
+    if kind == "user_op":
+        uid = rng.choice([1000, 1001, 1002])
+        sub = rng.choice(["open", "open", "truncate", "utime", "unlink", "mkdir"])
+        if sub == "open":
+            flags = rng.choice(ACCESS_MODES)[1] | rng.choice([0, os.O_TRUNC, os.O_CREAT,
+                                                                 os.O_APPEND])
+            return ("user_open", any_path("reg"), uid, flag_names(flags))
+        if sub == "truncate":
+            return ("user_truncate", any_path("reg"), uid, rng.choice([0, 10]))
+        if sub == "utime":
+            return ("user_utime", any_path(), uid, rng.random() < 0.5)
+        if sub == "unlink":
+            return ("user_unlink", any_path(), uid)
+        return ("user_mkdir", new_path(), uid)
     raise AssertionError(kind)
