@@ -19,7 +19,6 @@ from .layers import ABSENT_ERRNOS, Layer, list_names, lower_positive, lstat_at, 
 
 UPPER = 0
 DIRFD_CACHE_SIZE = 4096
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 # flags the kernel already acted on (or that make no sense on our side)
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 
@@ -201,7 +200,7 @@ class Union:
         if node is None or node.kind != kind:
             return self.nodes.add(Node(ino, key, parent, name, kind, found.layer,
                                        found.layers or (found.layer,)))
-        node.parent, node.name, node.unlinked = parent, name, False
+        self._name_node(node, parent, name)
         if kind == stat.S_IFDIR:
             new_layers = found.layers or (found.layer,)
             if new_layers != node.layers:
@@ -258,7 +257,8 @@ class Union:
         else:
             st = self._stat_raw(node)
         if node.unlinked:
-            nlink = 0
+            # an upper file may keep names we never looked up; a lower one has none left
+            nlink = st.st_nlink if node.layer == UPPER and node.kind == stat.S_IFREG else 0
         elif node.kind == stat.S_IFDIR and len(node.layers) > 1:
             nlink = 1       # a merged directory, as overlayfs reports it
         else:
@@ -499,7 +499,7 @@ class Union:
                     follow_symlinks=False)
             if self.fmt == whiteout.FORMAT_OCI:
                 whiteout.remove_oci_whiteout(udfd, new_name)
-        node.parent, node.name, node.unlinked = parent, new_name, False
+        self._name_node(node, parent, new_name)
         return self._entry(node)
 
     # ---- removing -----------------------------------------------------------
@@ -540,18 +540,36 @@ class Union:
             node.orphan_st = found.st     # FIFOs, devices: the kernel opens them, not us
         needs_whiteout = found.layer != UPPER or self._lower_positive(parent, name)
         self._remove_upper_entry(parent, name, needs_whiteout, is_dir=False)
-        self._unlinked(node, parent, name)
+        self._unname(node, parent, name)
 
-    def _unlinked(self, node: Node, parent: Node, name: bytes) -> None:
-        if node.parent is parent and node.name == name:
-            # another upper name of the same file keeps the node linked
-            st = None
-            if node.layer == UPPER:
-                for h in self.handles.values():
-                    if isinstance(h, Handle) and h.node is node:
-                        st = os.fstat(h.fd)
-                        break
-            node.unlinked = st is None or st.st_nlink == 0
+    # ---- names of a node ------------------------------------------------------
+
+    def _name_node(self, node: Node, parent: Node, name: bytes) -> None:
+        """parent/name names node, and becomes the name we use for it."""
+        if node.parent is None:
+            return
+        if node.kind != stat.S_IFDIR and (node.parent is not parent or node.name != name) \
+                and not node.unlinked:
+            if node.aliases is None:
+                node.aliases = set()
+            node.aliases.add((node.parent, node.name))
+        node.parent, node.name, node.unlinked = parent, name, False
+        if node.aliases:
+            node.aliases.discard((parent, name))
+
+    def _unname(self, node: Node, parent: Node, name: bytes) -> None:
+        """parent/name no longer names node: fall back on another of its names."""
+        if node.aliases:
+            node.aliases.discard((parent, name))
+        if node.parent is not parent or node.name != name:
+            return
+        while node.aliases:
+            other_parent, other_name = node.aliases.pop()
+            found = self._probe(other_parent, other_name)
+            if found is not None and self._key(other_parent, other_name, found) == node.key:
+                node.parent, node.name = other_parent, other_name
+                return
+        node.unlinked = True
         if node.kind == stat.S_IFDIR:
             self._drop_dirfds(node)
 
@@ -572,8 +590,7 @@ class Union:
         self.copy_up(parent)
         needs_whiteout = found.layer != UPPER or self._lower_positive(parent, name)
         self._remove_upper_entry(parent, name, needs_whiteout, is_dir=True)
-        node.unlinked = True
-        self._drop_dirfds(node)
+        self._unname(node, parent, name)
 
     # ---- rename -------------------------------------------------------------
 
@@ -619,7 +636,10 @@ class Union:
             self.copy_up(dst)
             sysc.renameat2(self.upper_dirfd(old_parent), old_name,
                            self.upper_dirfd(new_parent), new_name, sysc.RENAME_EXCHANGE)
-            src.parent, src.name, dst.parent, dst.name = new_parent, new_name, old_parent, old_name
+            self._unname(src, old_parent, old_name)
+            self._unname(dst, new_parent, new_name)
+            self._name_node(src, new_parent, new_name)
+            self._name_node(dst, old_parent, old_name)
             return
         src_needs_whiteout = self._lower_positive(old_parent, old_name)
         old_dfd = self.upper_dirfd(old_parent)
@@ -652,8 +672,9 @@ class Union:
         if self.fmt == whiteout.FORMAT_OCI and not src_is_dir:
             whiteout.remove_oci_whiteout(new_dfd, new_name)
         if dst is not None:
-            self._unlinked(dst, new_parent, new_name)
-        src.parent, src.name = new_parent, new_name
+            self._unname(dst, new_parent, new_name)
+        self._unname(src, old_parent, old_name)
+        self._name_node(src, new_parent, new_name)
 
     def _is_ancestor(self, node: Node, other: Node) -> bool:
         while other is not None:
@@ -775,7 +796,8 @@ class Union:
 
     @staticmethod
     def needs_copyup_for_open(flags: int) -> bool:
-        return bool(flags & WRITE_FLAGS)
+        # as the kernel: O_RDONLY|O_APPEND can never write, so it does not copy up
+        return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
 
     def open(self, ino, flags) -> int:
         node = self.node(ino)
