@@ -1,7 +1,8 @@
 """The layer stack of one run: a private state dir, the union mount and its teardown.
 
 The union is served by a separate `unionfs mount -f` process (a FUSE server
-must never run inside the process that uses its mount). Keeping it in the
+must never run inside the process that uses its mount), forked from the
+runner rather than exec'd (see `_fork_unionfs_server`). Keeping it in the
 foreground lets the runner own its pid: it waits for the mount to go live,
 and after unmounting it waits for the server to exit, so no server outlives a
 run. Every step of `close()` is tolerant, so it can run on any path.
@@ -66,6 +67,45 @@ def mount_command(lowers, upper, work, mountpoint):
     return argv + [mountpoint]
 
 
+def _fork_unionfs_server(args, log_fd):
+    """Run `unionfs ARGS` in a forked child; return its pid.
+
+    The same command line as the console script, minus a new interpreter: the
+    runner already has Python, click and unionfs.cli loaded, so the server
+    skips ~100 ms of start-up, and it works even where the interpreter's path
+    is not readable by the calling user. It is still a separate process (a
+    FUSE server must never serve its own client).
+    """
+    from unionfs.cli import main
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        os.setsid()  # the terminal's Ctrl-C is for the container, not the server
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        main(args=list(args), prog_name="unionfs")
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException as e:  # noqa: BLE001 - report it in the log, never return
+        os.write(2, f"unionfs server: {e!r}\n".encode())
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+
+
 def is_mountpoint(path):
     try:
         return os.lstat(path).st_dev != os.lstat(os.path.dirname(path)).st_dev
@@ -98,11 +138,14 @@ class UnionStack:
         argv = mount_command(self.plan.lowers, self.upper, self.work, self.mountpoint)
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            self.server_pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                (os.POSIX_SPAWN_DUP2, log_fd, 2),
-            ], setsid=True)
+            if os.environ.get(MOUNT_PROGRAM_ENV):
+                self.server_pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                ], setsid=True)
+            else:
+                self.server_pid = _fork_unionfs_server(argv[1:], log_fd)
         except OSError as e:
             raise UnionError(f"cannot start {argv[0]}: {e.strerror}") from None
         finally:
