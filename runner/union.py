@@ -16,7 +16,6 @@ import sys
 import time
 
 from . import libc
-from .plan import PlanError
 
 MOUNT_PROGRAM_ENV = "UNIONFS_RUN_MOUNT_PROGRAM"
 MOUNT_TIMEOUT = 30.0
@@ -283,6 +282,3 @@ def _remove_tree(path):
         os.rmdir(path)
     except OSError:
         pass
-
-
-__all__ = ["UnionStack", "UnionError", "PlanError", "MOUNT_PROGRAM_ENV"]

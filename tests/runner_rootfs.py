@@ -13,7 +13,6 @@ import pytest
 
 BUSYBOX = "/bin/busybox"
 UNIONFS = os.path.join(os.path.dirname(sys.executable), "unionfs")
-STATE_PREFIX = "unionfs-run-"
 
 
 def build_rootfs(root):
