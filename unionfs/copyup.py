@@ -21,6 +21,13 @@ from .inodes import pack_key
 
 ORIGIN_XATTR = {whiteout.FORMAT_KERNEL: "trusted.unionfs.origin",
                 whiteout.FORMAT_OCI: "user.unionfs.origin"}
+# the kernel's metacopy marker (read by overlayfs with metacopy=on)
+METACOPY_XATTR = {whiteout.FORMAT_KERNEL: "trusted.overlay.metacopy",
+                  whiteout.FORMAT_OCI: "user.overlay.metacopy"}
+
+FULL = "full"       # data and metadata of a lower object
+META = "meta"       # metadata only: a sparse file marked metacopy; data stays below
+DATA = "data"       # complete a metacopy file: lower data + upper metadata, replacing it
 
 
 def temp_name() -> bytes:
@@ -29,14 +36,20 @@ def temp_name() -> bytes:
 
 @dataclass
 class CopyJob:
-    src_dir: int          # fd (O_PATH) of the source's parent directory in its layer
+    src_dir: int          # fd (O_PATH) of the data source's parent directory in its layer
     name: bytes           # name in both source and destination parents
     dst_dir: int          # fd of the upper parent directory
     work_dir: int         # fd of the workdir (same filesystem as upper)
-    st: os.stat_result    # lstat of the source
+    st: os.stat_result    # lstat of the metadata source
     origin: tuple | None  # identity key to record, or None
-    fmt: str              # whiteout format: decides the origin xattr's namespace
+    fmt: str              # whiteout format: decides the xattrs' namespace
     durable: bool         # fsync before rename
+    kind: str = FULL
+
+    @property
+    def meta_dir(self) -> int:
+        """Where owner, mode, xattrs and times come from."""
+        return self.dst_dir if self.kind == DATA else self.src_dir
 
     def close(self):
         for fd in (self.src_dir, self.dst_dir, self.work_dir):
@@ -52,7 +65,7 @@ def copy_xattrs(src_path: bytes, dst_path: bytes, follow: bool) -> None:
         raise
     for xname in names:
         if whiteout.is_private_xattr(os.fsencode(xname)):
-            continue
+            continue     # markers, metacopy and origin are written by us, if at all
         try:
             value = os.getxattr(src_path, xname, follow_symlinks=follow)
             os.setxattr(dst_path, xname, value, follow_symlinks=follow)
@@ -108,7 +121,7 @@ def _finish_meta(job: CopyJob, tmp: bytes, fd: int | None) -> None:
     st = job.st
     is_link = stat.S_ISLNK(st.st_mode)
     tmp_path = whiteout.entry_path(job.work_dir, tmp)
-    src_path = whiteout.entry_path(job.src_dir, job.name)
+    src_path = whiteout.entry_path(job.meta_dir, job.name)
     if fd is not None:
         os.fchown(fd, st.st_uid, st.st_gid)
         os.fchmod(fd, stat.S_IMODE(st.st_mode))
@@ -124,6 +137,8 @@ def _finish_meta(job: CopyJob, tmp: bytes, fd: int | None) -> None:
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP):
                 raise
+    if job.kind == META:
+        os.setxattr(tmp_path, METACOPY_XATTR[job.fmt], b"", follow_symlinks=False)
     times = (st.st_atime_ns, st.st_mtime_ns)
     if fd is not None:
         os.utime(fd, ns=times)
@@ -146,13 +161,16 @@ def _run(job: CopyJob) -> None:
     fd = None
     try:
         if stat.S_ISREG(mode):
-            src = sysc.openat2(job.src_dir, job.name, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                             dir_fd=job.work_dir)
-                copy_data(src, fd, st.st_size)
-            finally:
-                os.close(src)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                         dir_fd=job.work_dir)
+            if job.kind == META:
+                os.ftruncate(fd, st.st_size)
+            else:
+                src = sysc.openat2(job.src_dir, job.name, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    copy_data(src, fd, st.st_size)
+                finally:
+                    os.close(src)
         elif stat.S_ISDIR(mode):
             os.mkdir(tmp, 0o700, dir_fd=job.work_dir)
         elif stat.S_ISLNK(mode):
@@ -175,7 +193,9 @@ def _run(job: CopyJob) -> None:
     parent = whiteout.fd_path(job.dst_dir)
     parent_st = os.stat(parent)
     try:
-        sysc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, sysc.RENAME_NOREPLACE)
+        # completing a metacopy replaces the upper file; anything else is new there
+        flags = 0 if job.kind == DATA else sysc.RENAME_NOREPLACE
+        sysc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, flags)
     except BaseException:
         _remove(job.work_dir, tmp)
         raise

@@ -58,7 +58,7 @@ class DirHandle:
 
 class Union:
     def __init__(self, lowers, upper=None, work=None, *, whiteout_format=None,
-                 durable=True):
+                 durable=True, metacopy=False):
         if not lowers:
             raise ValueError("at least one lower layer is needed")
         self.layers: list[Layer | None] = [None]
@@ -77,6 +77,7 @@ class Union:
             whiteout_format = whiteout.FORMAT_KERNEL if os.geteuid() == 0 else whiteout.FORMAT_OCI
         self.fmt = whiteout_format
         self.durable = durable
+        self.metacopy = metacopy
         devs = {layer.dev for layer in self.layers if layer is not None}
         self.nodes = NodeTable(devs.pop() if len(devs) == 1 else None)
         self._dirfds: OrderedDict = OrderedDict()
@@ -198,8 +199,11 @@ class Union:
         node = self.nodes.get(ino)
         kind = stat.S_IFMT(found.st.st_mode)
         if node is None or node.kind != kind:
-            return self.nodes.add(Node(ino, key, parent, name, kind, found.layer,
+            node = self.nodes.add(Node(ino, key, parent, name, kind, found.layer,
                                        found.layers or (found.layer,)))
+            if found.layer == UPPER and kind == stat.S_IFREG:
+                node.data_layer = self._metacopy_data_layer(parent, name, found.st)
+            return node
         self._name_node(node, parent, name)
         if kind == stat.S_IFDIR:
             new_layers = found.layers or (found.layer,)
@@ -209,6 +213,23 @@ class Union:
         elif found.layer < node.layer:
             node.layer, node.layers = found.layer, (found.layer,)
         return node
+
+    def _metacopy_data_layer(self, parent: Node, name: bytes, st) -> int | None:
+        """For an upper metacopy file, the lower layer holding its data."""
+        if st.st_blocks * 512 >= st.st_size:
+            return None     # a metacopy file is a hole (its blocks hold xattrs at most)
+        dfd = self.dirfd(parent, UPPER)
+        try:
+            os.getxattr(whiteout.entry_path(dfd, name), copyup.METACOPY_XATTR[self.fmt],
+                        follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                return None
+            raise
+        data = probe(parent.layers[1:], lambda li: self.dirfd(parent, li), name)
+        if data is None or not stat.S_ISREG(data.st.st_mode):
+            raise err(errno.EIO, name)      # the kernel too refuses a metacopy without data
+        return data.layer
 
     def lookup(self, parent_ino: int, name: bytes):
         """Resolve name in a directory; counts one lookup. Returns (node, stat)."""
@@ -275,45 +296,63 @@ class Union:
         if not self.writable:
             raise err(errno.EROFS)
 
-    def copyup_chain(self, node: Node) -> list:
-        """The nodes that must be copied up for node to live in upper, top-down."""
+    def copyup_chain(self, node: Node, meta_only: bool = False) -> list:
+        """The nodes that must be copied up for node to live in upper, top-down.
+
+        meta_only: the caller changes metadata only (chmod, chown, utimes,
+        xattrs), so a metacopy of node itself is enough when enabled."""
         self._require_upper()
         chain = []
+        if node.layer == UPPER and node.data_layer is not None and not meta_only:
+            chain.append(node)          # a metacopy whose data must now follow
+            node = node.parent
         while node is not None and node.layer != UPPER:
             chain.append(node)
             node = node.parent
         chain.reverse()
         return chain
 
-    def copyup_job(self, node: Node) -> copyup.CopyJob:
+    def copyup_job(self, node: Node, meta_only: bool = False) -> copyup.CopyJob:
         """Everything copyup.run needs, with fds of its own (safe off the loop)."""
-        src_dir = self.dirfd(node.parent, node.layer)
-        if src_dir is None:
-            raise err(errno.ENOENT, node.path())
-        st = lstat_at(src_dir, node.name)
+        if node.layer == UPPER:      # completing a metacopy: data from below
+            kind, src_layer = copyup.DATA, node.data_layer
+        else:
+            kind, src_layer = copyup.FULL, node.layer
+            if meta_only and self.metacopy and node.kind == stat.S_IFREG:
+                kind = copyup.META
+        src_dir = self.dirfd(node.parent, src_layer)
+        meta_dir = self.upper_dirfd(node.parent) if kind == copyup.DATA else src_dir
+        st = lstat_at(meta_dir, node.name) if src_dir is not None else None
         if st is None:
             raise err(errno.ENOENT, node.path())
         dst_dir = self.upper_dirfd(node.parent)
         return copyup.CopyJob(os.dup(src_dir), node.name, os.dup(dst_dir), os.dup(self.work_fd),
-                              st, node.key, self.fmt, self.durable)
+                              st, node.key, self.fmt, self.durable, kind)
 
-    def commit_copyup(self, node: Node) -> None:
+    def commit_copyup(self, node: Node, job: copyup.CopyJob) -> None:
         """After a copy: the node lives in upper; reopen read-only handles there."""
+        if job.kind == copyup.META:
+            node.data_layer = node.layer
+        elif job.kind == copyup.DATA:
+            node.data_layer = None
         if node.kind == stat.S_IFDIR:
             node.layers = (UPPER,) + node.layers
         else:
             node.layers = (UPPER,)
         node.layer = UPPER
+        if node.data_layer is not None:
+            return      # the data has not moved: readers stay where they are
         for h in self.handles.values():
             if isinstance(h, Handle) and h.node is node and not h.writable:
                 fd = self._open_upper(node, h.flags & ~OPEN_STRIP & ~os.O_TRUNC)
                 os.close(h.fd)
                 h.fd = fd
 
-    def copy_up(self, node: Node) -> None:
-        for n in self.copyup_chain(node):
-            copyup.run(self.copyup_job(n))
-            self.commit_copyup(n)
+    def copy_up(self, node: Node, meta_only: bool = False) -> None:
+        for n in self.copyup_chain(node, meta_only):
+            job = self.copyup_job(n, meta_only)
+            copyup.run(job)
+            self.commit_copyup(n, job)
 
     # ---- helpers for changing the upper --------------------------------------
 
@@ -689,14 +728,14 @@ class Union:
                 mtime_ns=None, fh=None):
         node = self.node(ino)
         self._require_upper()
-        self.copy_up(node)
+        self.copy_up(node, meta_only=size is None)
         handle = self.handles.get(fh) if fh is not None else None
         if node.unlinked and handle is None:
             for h in self.handles.values():
                 if isinstance(h, Handle) and h.node is node:
                     handle = h
                     break
-        if handle is not None and isinstance(handle, Handle):
+        if handle is not None and isinstance(handle, Handle) and node.data_layer is None:
             self._setattr_fd(handle.fd, node, mode, uid, gid, size, atime_ns, mtime_ns)
         else:
             self._setattr_path(node, mode, uid, gid, size, atime_ns, mtime_ns)
@@ -771,7 +810,7 @@ class Union:
         if whiteout.is_private_xattr(name):
             raise err(errno.EPERM)
         self._require_upper()
-        self.copy_up(node)
+        self.copy_up(node, meta_only=True)
         os.setxattr(self._xattr_path(node), name, value, flags, follow_symlinks=False)
 
     def removexattr(self, ino, name: bytes):
@@ -781,7 +820,7 @@ class Union:
         self._require_upper()
         # a failed removal copies nothing up
         os.getxattr(self._xattr_path(node), name, follow_symlinks=False)
-        self.copy_up(node)
+        self.copy_up(node, meta_only=True)
         os.removexattr(self._xattr_path(node), name, follow_symlinks=False)
 
     # ---- files --------------------------------------------------------------
@@ -807,7 +846,10 @@ class Union:
             self._require_upper()
             self.copy_up(node)
         oflags = (flags & ~OPEN_STRIP) | os.O_CLOEXEC
-        if node.layer == UPPER:
+        if node.data_layer is not None:     # a metacopy: its data is still below
+            fd = sysc.openat2(self.dirfd(node.parent, node.data_layer), node.name,
+                              oflags | os.O_NOFOLLOW)
+        elif node.layer == UPPER:
             fd = self._open_upper(node, oflags)
         else:
             fd = sysc.openat2(self.dirfd(node.parent, node.layer), node.name,

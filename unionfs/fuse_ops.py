@@ -78,14 +78,15 @@ class Operations(pyfuse3.Operations):
 
     # ---- copy-up off the event loop ---------------------------------------
 
-    async def _copy_up(self, node):
-        for n in self.u.copyup_chain(node):
+    async def _copy_up(self, node, meta_only=False):
+        for n in self.u.copyup_chain(node, meta_only):
             lock = self._copy_locks.setdefault(n.ino, trio.Lock())
             async with lock:
-                if n.layer != 0:
-                    job = self.u.copyup_job(n)
+                # the copy may have happened while we waited for the lock
+                if n in self.u.copyup_chain(n, meta_only):
+                    job = self.u.copyup_job(n, meta_only)
                     await trio.to_thread.run_sync(copyup.run, job, limiter=self._limiter)
-                    self.u.commit_copyup(n)
+                    self.u.commit_copyup(n, job)
                     # attributes change with the move (ctime, a directory's nlink)
                     pyfuse3.invalidate_inode(n.ino, attr_only=True)
             if not lock.statistics().tasks_waiting:
@@ -112,7 +113,7 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self.u.node(inode)
-        await self._copy_up(node)
+        await self._copy_up(node, meta_only=not fields.update_size)
         kw = {}
         if fields.update_mode:
             kw["mode"] = attr.st_mode
@@ -230,13 +231,13 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def setxattr(self, inode, name, value, ctx):
-        await self._copy_up(self.u.node(inode))
+        await self._copy_up(self.u.node(inode), meta_only=True)
         self.u.setxattr(inode, name, value)
 
     @translate_errors
     async def removexattr(self, inode, name, ctx):
         self.u.getxattr(inode, name)          # a missing name: ENODATA, nothing copied
-        await self._copy_up(self.u.node(inode))
+        await self._copy_up(self.u.node(inode), meta_only=True)
         self.u.removexattr(inode, name)
 
     @translate_errors

@@ -34,7 +34,7 @@ def unpack_key(raw: bytes):
 
 class Node:
     __slots__ = ("ino", "key", "parent", "name", "kind", "layer", "layers", "lookups",
-                 "unlinked", "handles", "orphan_st", "aliases", "__weakref__")
+                 "unlinked", "handles", "orphan_st", "aliases", "data_layer", "__weakref__")
 
     def __init__(self, ino, key, parent, name, kind, layer, layers):
         self.ino = ino
@@ -49,6 +49,7 @@ class Node:
         self.handles = 0            # open file handles (keeps an unlinked node alive)
         self.orphan_st = None        # last stat of a removed special file
         self.aliases = None          # other (parent, name)s of a hard-linked file
+        self.data_layer = None       # metacopy: the lower layer still holding the data
 
     def path(self) -> bytes:
         parts = []

@@ -115,7 +115,7 @@ def _open_union(cfg: MountConfig):
     from .core import Union
     try:
         return Union(cfg.lowers, cfg.upper, cfg.work, whiteout_format=cfg.whiteout_format,
-                     durable=not cfg.volatile)
+                     durable=not cfg.volatile, metacopy=cfg.metacopy)
     except OSError as e:
         raise MountError(f"cannot open layers: {e.strerror} ({e.filename!r})") from None
 

@@ -24,7 +24,7 @@ FUSE_OVERLAYFS_IGNORED = {
     "noxattrs", "plugins", "xattr_permissions", "squash_to_root", "squash_to_uid",
     "squash_to_gid", "static_nlink", "noacl", "fsync", "x-systemd.automount",
     "max_read", "fsname", "subtype", "userxattr", "xino", "nfs_export", "index",
-    "redirect_dir", "metacopy", "uuid", "comment",
+    "redirect_dir", "uuid", "comment",
 }
 # `mount -o x-foo` style comments are always ignored.
 IGNORED_PREFIXES = ("x-", "comment=")
@@ -44,6 +44,7 @@ class MountConfig:
     foreground: bool = False
     debug: bool = False
     volatile: bool = False
+    metacopy: bool = False
     whiteout_format: str | None = None      # None: kernel form as root, OCI otherwise
     flags: list = field(default_factory=list)   # kernel mount flags to pass on
 
@@ -68,6 +69,10 @@ def apply_options(cfg: MountConfig, text: str) -> MountConfig:
             cfg.work = value or None
         elif key == "volatile":
             cfg.volatile = True
+        elif key == "metacopy":
+            if value not in ("on", "off"):
+                raise OptionError(f"metacopy= must be 'on' or 'off', not {value!r}")
+            cfg.metacopy = value == "on"
         elif key == "whiteout":
             if value not in ("kernel", "oci"):
                 raise OptionError(f"whiteout= must be 'kernel' or 'oci', not {value!r}")
