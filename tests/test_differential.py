@@ -62,6 +62,16 @@ def _run(seed, nops, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_open_flag_matrix(requirements, tmp_path):
+    """All 48 RDONLY/WRONLY/RDWR x APPEND x TRUNC x CREAT x EXCL combinations on a lower
+    file, an upper file, a missing name, a symlink to a lower file, a symlink chain,
+    a dangling symlink and a merged dir, each on a fresh name."""
+    div = harness.run_open_matrix(tmp_path, TARGET)
+    if div is not None:
+        pytest.fail(div.report(), pytrace=False)
+
+
+@pytest.mark.timeout(300)
 def test_differential(requirements, fast_seed, tmp_path):
     _run(fast_seed, FAST_OPS, tmp_path)
 

@@ -316,3 +316,54 @@ def list_oci_markers(layer):
             if n.startswith(OCI_PREFIX):
                 found.add(os.path.relpath(os.path.join(dirpath, n), layer))
     return found
+
+
+OPEN_MATRIX_KINDS = ["lowerfile", "upperfile", "missing", "symlower", "chain", "dangling", "dir"]
+
+
+def _open_flag_combos():
+    combos = []
+    for acc in ("RDONLY", "WRONLY", "RDWR"):
+        for bits in range(16):
+            names = [acc] + [n for i, n in enumerate(("APPEND", "TRUNC", "CREAT", "EXCL"))
+                             if bits & (1 << i)]
+            combos.append("|".join(names))
+    return combos
+
+
+def open_matrix_cases():
+    """(op tuples) open of every kind of name with each of the 48 flag combinations."""
+    cases = []
+    for k, flags in enumerate(_open_flag_combos()):
+        for kind in OPEN_MATRIX_KINDS:
+            cases.append(("open", f"{kind}{k}", flags, 3, k % 256))
+    return cases
+
+
+def generate_open_matrix_stack(seed, root):
+    """A fixed two-lower stack with one fresh name of each kind per flag combination:
+    lower file, upper file, missing name, symlink to a lower file, a chain of two
+    symlinks to a lower file, a dangling symlink (to a creatable name), a dir."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lowers = [root / "lower1", root / "lower2"]
+    upper, work, mnt = root / "upper", root / "work", root / "mnt"
+    for d in lowers + [upper, work, mnt]:
+        d.mkdir()
+    top, bottom = lowers
+    ns = GENERATED_TIME_BASE * 10**9
+    for k in range(len(_open_flag_combos())):
+        (bottom / f"lowerfile{k}").write_bytes(b"lower data %d\n" % k)
+        (bottom / f"target{k}").write_bytes(b"target %d\n" % k)
+        (upper / f"upperfile{k}").write_bytes(b"upper data %d\n" % k)
+        os.symlink(f"target{k}", top / f"symlower{k}")
+        os.symlink(f"hop{k}", top / f"chain{k}")
+        os.symlink(f"target{k}", bottom / f"hop{k}")
+        os.symlink(f"nothing{k}", top / f"dangling{k}")
+        os.mkdir(bottom / f"dir{k}")
+        os.mkdir(top / f"dir{k}")  # a merged dir
+    for layer in lowers + [upper]:
+        for name in os.listdir(layer):
+            os.utime(layer / name, ns=(ns, ns), follow_symlinks=False)
+        os.utime(layer, ns=(ns, ns))
+    return Stack(root=root, lowers=lowers, upper=upper, work=work, mnt=mnt)

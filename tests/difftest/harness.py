@@ -56,12 +56,14 @@ def same_result(op, ra, rb, target):
     return False
 
 
-def build_stacks(seed, workdir, target):
+def build_stacks(seed, workdir, target, make_stack=None):
+    """Two copies of the seed's stack: the kernel's with OCI markers converted."""
+    make_stack = make_stack or generator.generate_stack
     workdir = Path(workdir)
-    ref = generator.generate_stack(seed, workdir / "kernel")
+    ref = make_stack(seed, workdir / "kernel")
     for layer in ref.lowers + [ref.upper]:
         generator.convert_oci_to_kernel(layer)
-    tgt = generator.generate_stack(seed, workdir / "target")
+    tgt = make_stack(seed, workdir / "target")
     # identify the generated OCI markers by inode: renames through the union may move them
     tgt.upper_marker_inos = {os.lstat(tgt.upper / rel).st_ino for rel in tgt.upper_oci_markers}
     if target == "kernel":  # kernel vs kernel: a self-check of the harness
@@ -75,18 +77,27 @@ def _lower_only(paths, upper):
     return [p for p in paths if p and not os.path.lexists(Path(upper) / p)]
 
 
+def random_ops(seed):
+    """The seeded op source: op i from the rng and the kernel side's current names."""
+    rng = random.Random(f"difftest-ops-{seed}")
+    return lambda i, ref_mnt: ops.choose_op(rng, ops.list_names(ref_mnt), i)
+
+
 def run_seed(seed, nops, workdir, target="unionfs", remount_check=True, deadline=120.0,
-             ignore=()):
+             ignore=(), make_stack=None, op_source=None):
     """Run one seed; return None if both sides agree, else the first Divergence.
 
     `ignore` names describe() keys (e.g. "nlink") left out of every comparison.
-    A FUSE server that logs a traceback is a divergence too.
+    A FUSE server that logs a traceback is a divergence too. `make_stack(seed,
+    dir)` and `op_source(i, kernel_mnt)` replace the random stack and ops.
     """
-    ref, tgt = build_stacks(seed, workdir, target)
+    ref, tgt = build_stacks(seed, workdir, target, make_stack)
+    op_source = op_source or random_ops(seed)
     history = []
     server_log = mounts.ServerLog()
     end = {}
-    div = _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server_log, end)
+    div = _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server_log, end,
+                       op_source)
     errors = server_log.errors()
     if div is None and errors:
         div = Divergence(seed, nops, target, "server log", len(history) - 1, history,
@@ -102,8 +113,8 @@ def run_seed(seed, nops, workdir, target="unionfs", remount_check=True, deadline
     return div
 
 
-def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server_log, end):
-    rng = random.Random(f"difftest-ops-{seed}")
+def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server_log, end,
+                 op_source):
 
     def diverged(where, index, details):
         return Divergence(seed, nops, target, where, index, history, details)
@@ -122,7 +133,7 @@ def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server
         eligible = _lower_only(ref0, ref.upper)
 
         for i in range(nops):
-            op = ops.choose_op(rng, ops.list_names(ref.mnt), i)
+            op = op_source(i, ref.mnt)
             ra = ops.run_op(ref.mnt, op)
             rb = ops.run_op(tgt.mnt, op)
             history.append((op, ra, rb))
@@ -200,3 +211,10 @@ def first_divergence(seed, nops, workdir, target="unionfs", **kw):
             lo = mid
     best.details.insert(0, f"(bisected: the first {hi} ops suffice; the last one is the culprit)")
     return best
+
+
+def run_open_matrix(workdir, target="unionfs", **kw):
+    """Every open flag combination on every kind of name, each on its own fresh name."""
+    cases = generator.open_matrix_cases()
+    return run_seed(0, len(cases), workdir, target, make_stack=generator.generate_open_matrix_stack,
+                    op_source=lambda i, _mnt: cases[i], **kw)
