@@ -425,3 +425,20 @@ def test_interactive_ctrl_c_reaches_the_command_not_the_runner(lower, state_base
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 5
     assert not processes_mentioning("sleep 1002")
+
+
+def test_chroot_only_where_pivot_root_is_impossible_and_it_says_so(state_base):
+    # pivot_root cannot move the host's own root ("/"): the runner falls back
+    # to chroot and warns; the container's mounts still stay in its namespace.
+    result = run_unionfs(["--rootfs", "/", "--", "sh", "-c", "echo $$; hostname"],
+                         env=dict(os.environ, TMPDIR=state_base))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "unionfs"]
+    assert "pivot_root impossible" in result.stderr and "chroot" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_plain_run_says_nothing(lower, state_base):
+    result = run(lower, state_base, "--", "sh", "-c", "cat /etc/greeting")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, "hello from the lower layer\n", "")
