@@ -8,6 +8,7 @@ slow part of a copy-up (copyup.run on a job from copyup_job) in a worker
 thread and then call commit_copyup; the core does the same inline otherwise.
 """
 import errno
+import functools
 import os
 import stat
 from collections import OrderedDict
@@ -173,7 +174,7 @@ class Union:
     def _probe(self, parent: Node, name: bytes):
         if whiteout.is_marker_name(name):
             return None
-        return probe(parent.layers, lambda li: self.dirfd(parent, li), name)
+        return probe(parent.layers, functools.partial(self.dirfd, parent), name)
 
     def _key(self, parent: Node, name: bytes, found) -> tuple:
         if found.layer == UPPER:
@@ -890,15 +891,17 @@ class Union:
         """Yield (next_offset, name, node, stat) from a snapshot taken at offset 0."""
         h = self.handle(fh)
         node = h.node
+        dirfd_of = functools.partial(self.dirfd, node)
         if h.names is None or start == 0:
-            h.names = [b".", b".."] + list_names(lambda li: self.dirfd(node, li), node.layers)
+            h.names = [b".", b".."] + list_names(dirfd_of, node.layers)
+        layers = node.layers
         for i in range(start, len(h.names)):
             name = h.names[i]
             if i < 2:
                 dot = node if i == 0 else (node.parent or node)
                 yield i + 1, name, dot, self.stat(dot)
                 continue
-            found = self._probe(node, name)
+            found = probe(layers, dirfd_of, name)
             if found is None:
                 continue
             child = self._node_for(node, name, found)

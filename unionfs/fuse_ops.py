@@ -144,6 +144,7 @@ class Operations(pyfuse3.Operations):
             if node.parent is None:     # only . or .. can name the root here
                 attrs.st_ino = self.u.root_st_ino
             if not pyfuse3.readdir_reply(token, name, attrs, next_id):
+                self.u.forget(node.ino, 0)      # not sent: keep no node for it
                 break
             if next_id > 2:     # the kernel takes no reference for . and ..
                 node.lookups += 1

@@ -70,19 +70,20 @@ class NodeTable:
 
     def ino_for(self, key) -> int:
         """The union inode number for an identity key, without collisions."""
-        raw = pack_key(key)
         if len(key) == 2 and key[0] == self.common_dev and key[1] > ROOT_INO:
             candidate = key[1]
-        else:
-            candidate = xxhash.xxh64_intdigest(raw)
+            node = self.by_ino.get(candidate)
+            if node is None or node.key == key:
+                return candidate
+        raw = pack_key(key)
         seed = 0
         while True:
+            candidate = xxhash.xxh64_intdigest(raw, seed=seed)
             if candidate > ROOT_INO:
                 node = self.by_ino.get(candidate)
                 if node is None or node.key == key:
                     return candidate
             seed += 1
-            candidate = xxhash.xxh64_intdigest(raw, seed=seed)
 
     def get(self, ino: int) -> Node | None:
         return self.by_ino.get(ino)
