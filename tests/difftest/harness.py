@@ -56,6 +56,24 @@ def same_result(op, ra, rb, target):
     return False
 
 
+def _mirror_kernel_failed_setxattr_copyup(op, result, mnt):
+    """docs/format.md, "A failed xattr change copies nothing up": the kernel copies
+    the object (and its parents) up before a setxattr that then fails with
+    ENODATA (XATTR_REPLACE) or EEXIST (XATTR_CREATE); unionfs does not, on
+    purpose. The kernel's extra copy-up is visible later (a dir becomes merged:
+    nlink 1), so the target is made to copy up the same object with a
+    successful, immediately undone xattr change, keeping the two states alike."""
+    if op[0] != "setxattr" or result not in (("err", "ENODATA"), ("err", "EEXIST")):
+        return
+    _, rel, _name, _value, _flags, follow = op
+    path = os.path.join(str(mnt), rel)
+    try:
+        os.setxattr(path, "trusted.difftest", b"", follow_symlinks=follow)
+        os.removexattr(path, "trusted.difftest", follow_symlinks=follow)
+    except OSError:
+        pass
+
+
 def build_stacks(seed, workdir, target, make_stack=None):
     """Two copies of the seed's stack: the kernel's with OCI markers converted."""
     make_stack = make_stack or generator.generate_stack
@@ -113,6 +131,22 @@ def run_seed(seed, nops, workdir, target="unionfs", remount_check=True, deadline
     return div
 
 
+class _Remountable:
+    """A mount context that can be left and entered again (for the remount op)."""
+    def __init__(self, factory):
+        self.factory, self.cm = factory, None
+
+    def up(self):
+        cm = self.factory()
+        cm.__enter__()
+        self.cm = cm
+
+    def down(self):
+        cm, self.cm = self.cm, None
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+
 def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server_log, end,
                  op_source):
 
@@ -120,8 +154,20 @@ def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server
         return Divergence(seed, nops, target, where, index, history, details)
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mounts.kernel_overlay(ref.lowers, ref.upper, ref.work, ref.mnt))
-        stack.enter_context(mounts.mount_target(target, tgt, deadline, server_log))
+        sides = [_Remountable(lambda: mounts.kernel_overlay(ref.lowers, ref.upper, ref.work,
+                                                             ref.mnt)),
+                 _Remountable(lambda: mounts.mount_target(target, tgt, deadline, server_log))]
+        for side in sides:
+            side.up()
+            stack.callback(side.down)
+
+        def remount():
+            for side in sides:
+                side.down()
+            for side in sides:
+                side.up()
+            return ("ok", None)
+
         ref0, ref0_inos, _ = tree.snapshot(ref.mnt)
         tgt0, tgt0_inos, dino = tree.snapshot(tgt.mnt)
         if target == "kernel":
@@ -134,11 +180,16 @@ def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server
 
         for i in range(nops):
             op = op_source(i, ref.mnt)
-            ra = ops.run_op(ref.mnt, op)
-            rb = ops.run_op(tgt.mnt, op)
+            if op[0] == "remount":  # unmount both, mount both again: state must persist
+                ra = rb = remount()
+            else:
+                ra = ops.run_op(ref.mnt, op)
+                rb = ops.run_op(tgt.mnt, op)
             history.append((op, ra, rb))
             if not same_result(op, ra, rb, target):
                 return diverged(f"op #{i}", i, [f"result: kernel={ra!r} {target}={rb!r}"])
+            if target == "unionfs":
+                _mirror_kernel_failed_setxattr_copyup(op, ra, tgt.mnt)
             paths = ops.op_paths(op)
             details = tree.compare_entries(ops.local_state(ref.mnt, paths),
                                            ops.local_state(tgt.mnt, paths), "kernel", target,

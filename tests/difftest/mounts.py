@@ -152,9 +152,9 @@ def fuse_union(target, lowers, upper, work, mnt, deadline=120.0, server_log=None
                 proc.kill()
                 proc.wait()
             if server_log is not None:
-                server_log.text = open(log_path, errors="replace").read()
+                server_log.text += open(log_path, errors="replace").read()
                 if proc.returncode not in (0, None):
-                    server_log.text += f"\nERROR: server exit status {proc.returncode}"
+                    server_log.text += f"\nERROR: server exit status {proc.returncode}\n"
 
 
 @contextlib.contextmanager

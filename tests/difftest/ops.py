@@ -362,6 +362,7 @@ EXECUTORS = {
     "mkfifo": (_x_mkfifo, (0,)),
     "stat": (_x_stat, (0,)),
     "listdir": (_x_listdir, (0,)),
+    "remount": (None, ()),  # carried out by the harness on both sides
     "rename_cycle": (_x_rename_cycle, (0, 1, 2)),
     "empty_rmdir": (_x_empty_rmdir, (0,)),
     "user_open": (_x_user_open, (0,)),  # relpath arg 0, but not joined: see run_op
@@ -475,9 +476,9 @@ def choose_op(rng, names, counter):
          "unlink_open", "chmod", "chown", "utime", "setxattr", "getxattr", "listxattr",
          "removexattr", "mkdir", "rmdir", "unlink", "rename", "renameat2", "symlink",
          "readlink", "link", "mkfifo", "stat", "listdir", "rename_cycle", "empty_rmdir",
-         "user_op"],
+         "user_op", "remount"],
         weights=[16, 5, 4, 3, 5, 2, 2, 1, 3, 3, 4, 4, 2, 2, 4, 4, 5, 5, 6, 5, 3, 1, 4, 1, 2, 2,
-                 2, 2, 4])[0]
+                 2, 2, 4, 1])[0]
     if kind == "open":
         flags = rng.choice(ACCESS_MODES)[1]
         for _, v in EXTRA_FLAGS:
@@ -552,6 +553,8 @@ def choose_op(rng, names, counter):
         return ("stat", any_path(), rng.random() < 0.5)
     if kind == "listdir":
         return ("listdir", any_path("dir"))
+    if kind == "remount":
+        return ("remount",)
     if kind == "rename_cycle":
         return ("rename_cycle", any_path(), any_path(), new_path())
     if kind == "empty_rmdir":
