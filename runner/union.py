@@ -78,11 +78,17 @@ def _fork_unionfs_server(args, log_fd):
     from unionfs.cli import main
     sys.stdout.flush()
     sys.stderr.flush()
+    runner = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     status = 1
     try:
+        # Should the runner die without its teardown (SIGKILL), SIGTERM makes
+        # the server unmount and exit instead of lingering.
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != runner:
+            os._exit(1)
         os.setsid()  # the terminal's Ctrl-C is for the container, not the server
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
             signal.signal(signum, signal.SIG_DFL)

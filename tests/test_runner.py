@@ -442,3 +442,25 @@ def test_plain_run_says_nothing(lower, state_base):
     result = run(lower, state_base, "--", "sh", "-c", "cat /etc/greeting")
     assert (result.returncode, result.stdout, result.stderr) == (
         0, "hello from the lower layer\n", "")
+
+
+def test_sigkill_of_the_runner_still_leaves_no_mount_and_no_process(lower, state_base, tmp_path):
+    # No teardown can run in a SIGKILLed runner: the container dies with it
+    # (PR_SET_PDEATHSIG) and the server, told by SIGTERM, unmounts and exits.
+    # Only the state dir (the throwaway upper) is left, by design.
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    runner = subprocess.Popen(
+        [UNIONFS, "run", "--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
+         "touch /sync/ready; exec sleep 1004"],
+        env=dict(os.environ, TMPDIR=state_base))
+    _wait_for(sync / "ready", runner)
+    runner.kill()
+    runner.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while processes_mentioning(state_base) or mounts_matching(state_base) \
+            or processes_mentioning("sleep 1004"):
+        assert time.monotonic() < deadline, "the server or the container outlived the runner"
+        time.sleep(0.05)
+    for leftover in os.listdir(state_base):
+        shutil.rmtree(os.path.join(state_base, leftover))
