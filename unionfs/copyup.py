@@ -45,6 +45,7 @@ class CopyJob:
     fmt: str              # whiteout format: decides the xattrs' namespace
     durable: bool         # fsync before rename
     kind: str = FULL
+    devs: tuple = ()      # (source layer st_dev, upper st_dev)
 
     @property
     def meta_dir(self) -> int:
@@ -75,12 +76,24 @@ def copy_xattrs(src_path: bytes, dst_path: bytes, follow: bool) -> None:
                 raise
 
 
-def copy_data(src: int, dst: int, size: int) -> None:
-    try:
-        fcntl.ioctl(dst, sysc.FICLONE, src)
+# (source st_dev, destination st_dev) pairs on which FICLONE failed: not tried again
+_NO_REFLINK: set = set()
+
+
+def copy_data(src: int, dst: int, size: int, blocks: int | None = None,
+              devs: tuple = ()) -> None:
+    """Copy size bytes; blocks (st_blocks of src) tells a file with no holes,
+    which needs no hole scan; devs (source and destination st_dev) remembers
+    filesystems that cannot reflink."""
+    if devs not in _NO_REFLINK:
+        try:
+            fcntl.ioctl(dst, sysc.FICLONE, src)
+            return
+        except OSError:
+            _NO_REFLINK.add(devs)
+    if blocks is not None and blocks * 512 >= size:
+        _copy_range(src, dst, 0, size)
         return
-    except OSError:
-        pass
     pos = 0
     while pos < size:
         try:
@@ -168,7 +181,8 @@ def _run(job: CopyJob) -> None:
             else:
                 src = sysc.openat2(job.src_dir, job.name, os.O_RDONLY | os.O_NOFOLLOW)
                 try:
-                    copy_data(src, fd, st.st_size)
+                    copy_data(src, fd, st.st_size,
+                              None if job.kind == DATA else st.st_blocks, job.devs)
                 finally:
                     os.close(src)
         elif stat.S_ISDIR(mode):

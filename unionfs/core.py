@@ -328,7 +328,8 @@ class Union:
             raise err(errno.ENOENT, node.path())
         dst_dir = self.upper_dirfd(node.parent)
         return copyup.CopyJob(os.dup(src_dir), node.name, os.dup(dst_dir), os.dup(self.work_fd),
-                              st, node.key, self.fmt, self.durable, kind)
+                              st, node.key, self.fmt, self.durable, kind,
+                              (self.layers[src_layer].dev, self.layers[UPPER].dev))
 
     def commit_copyup(self, node: Node, job: copyup.CopyJob) -> None:
         """After a copy: the node lives in upper; reopen read-only handles there."""
