@@ -193,7 +193,9 @@ def _run(job: CopyJob) -> None:
         else:   # FIFO, socket, device node: recreate as what it is
             os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=job.work_dir)
         _finish_meta(job, tmp, fd)
-        if fd is not None and job.durable:
+        # A metacopy holds no data: its size and xattrs are journaled metadata,
+        # ordered before the rename, so there is nothing to fsync (nor does the kernel).
+        if fd is not None and job.durable and job.kind != META:
             os.fsync(fd)
     except BaseException:
         if fd is not None:

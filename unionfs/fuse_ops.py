@@ -42,10 +42,9 @@ QUICK_COPY_BYTES = 256 << 10
 
 
 def _quick(job) -> bool:
-    regular = stat.S_ISREG(job.st.st_mode)
-    if regular and job.durable:
-        return False
-    return not regular or job.kind == copyup.META or job.st.st_size <= QUICK_COPY_BYTES
+    if job.kind == copyup.META or not stat.S_ISREG(job.st.st_mode):
+        return True
+    return not job.durable and job.st.st_size <= QUICK_COPY_BYTES
 
 
 def caller(ctx) -> Caller:
