@@ -1,9 +1,12 @@
 """One run, start to finish: mount the stack, start the sandbox, wait, tear down.
 
 Signals to the runner (SIGINT/SIGTERM/SIGHUP) go to the container's PID 1,
-which forwards them to the command; a second signal, or GRACE_SECONDS without
-an exit, kills the whole PID namespace. Teardown (unmount, server exit, state
-removal) runs in a `finally`, so it happens on every path the runner survives.
+which forwards them to the command; a second signal, or
+sandbox.GRACE_SECONDS without an exit, kills the whole PID namespace. The
+timer lives in the keeper, not here: the runner may run inside a process
+that owns SIGALRM (a test runner, the benchmark). Teardown (unmount, server
+exit, state removal) runs in a `finally`, so it happens on every path the
+runner survives.
 """
 import os
 import signal
@@ -11,9 +14,6 @@ import sys
 
 from . import sandbox
 from .union import UnionError, UnionStack
-
-GRACE_SECONDS = 10
-
 
 class Interrupted(Exception):
     def __init__(self, signum):
@@ -59,15 +59,13 @@ def execute(plan, announce=None):
             raise Interrupted(signum)
         if keeper_reaped:
             return  # its pid may belong to someone else by now
-        if forwarded or signum == signal.SIGALRM:
+        if forwarded:
             os.kill(keeper, sandbox.KILL_SIGNAL)
             return
         forwarded.append(signum)
-        os.kill(keeper, signum)
-        signal.alarm(GRACE_SECONDS)
+        os.kill(keeper, signum)  # the keeper kills PID 1 after its grace period
 
-    previous = {s: signal.signal(s, on_signal)
-                for s in (*sandbox.FORWARDED_SIGNALS, signal.SIGALRM)}
+    previous = {s: signal.signal(s, on_signal) for s in sandbox.FORWARDED_SIGNALS}
     stack = None
     terminal = None
     try:
@@ -92,7 +90,6 @@ def execute(plan, announce=None):
     except UnionError as e:
         raise RunError(str(e)) from None
     finally:
-        signal.alarm(0)
         if terminal is not None:
             take_back_terminal(terminal)
         if stack is not None:

@@ -32,6 +32,9 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # which takes the whole PID namespace down); the keeper still reaps it.
 KILL_SIGNAL = signal.SIGUSR1
 BLOCKED_AROUND_FORK = (*FORWARDED_SIGNALS, KILL_SIGNAL)
+# After forwarding a signal the keeper waits this long for the command to
+# exit, then kills PID 1.
+GRACE_SECONDS = 10
 SETUP_FAILED = 1
 
 
@@ -102,8 +105,12 @@ def _keeper(plan, root, parent, terminal):
         os._exit(status)
 
     def forward(signum, frame):
-        os.kill(child, signal.SIGKILL if signum == KILL_SIGNAL else signum)
-    for signum in BLOCKED_AROUND_FORK:
+        if signum in (KILL_SIGNAL, signal.SIGALRM):
+            os.kill(child, signal.SIGKILL)
+            return
+        os.kill(child, signum)
+        signal.alarm(GRACE_SECONDS)
+    for signum in (*BLOCKED_AROUND_FORK, signal.SIGALRM):
         signal.signal(signum, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED_AROUND_FORK)
     _, status = os.waitpid(child, 0)

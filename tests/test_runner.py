@@ -464,3 +464,19 @@ def test_sigkill_of_the_runner_still_leaves_no_mount_and_no_process(lower, state
         time.sleep(0.05)
     for leftover in os.listdir(state_base):
         shutil.rmtree(os.path.join(state_base, leftover))
+
+
+def test_startup_bench_returns_records_for_every_contender_it_ran():
+    from runner.startup_bench import END_TO_END, PREMOUNTED, format_table, measure_startup
+    notes = {}
+    records = measure_startup(reps=1, warmup=0, notes=notes)
+    assert records, notes
+    for record in records:
+        assert set(record) == {"impl", "workload", "metric", "value", "unit", "rep"}
+        assert record["workload"] == "startup" and record["unit"] == "ms"
+        assert record["metric"] in (PREMOUNTED, END_TO_END) and record["value"] > 0
+    ran = {(r["impl"], r["metric"]) for r in records}
+    assert ("unionfs-run(in-process)", PREMOUNTED) in ran, notes
+    assert ("unionfs-run", END_TO_END) in ran, notes
+    assert not [note for note in notes.values() if note.startswith("failed")], notes
+    assert "unionfs-run" in format_table(records)
