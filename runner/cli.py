@@ -44,7 +44,8 @@ class RunCommand(click.Command):
 @click.option("--work", metavar="DIR", help="Work dir for --upper, on the same filesystem.")
 @click.option("--rootfs", metavar="DIR",
               help="Use DIR (e.g. an already mounted stack) as the root; no union is mounted.")
-@click.option("--hostname", default="unionfs", show_default=True)
+@click.option("--hostname", default="unionfs", show_default=True, metavar="NAME",
+              help="Hostname inside the container.")
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE",
               help="Set a variable (KEY alone: take the host's value).")
 @click.option("-w", "--workdir", default="/", metavar="DIR", help="Working directory inside.")
@@ -56,7 +57,12 @@ class RunCommand(click.Command):
 @click.option("--keep", is_flag=True, help="Keep the throwaway upper layer and print where.")
 @click.argument("command", nargs=-1, metavar="-- CMD [ARG ...]")
 def run(lowers, upper, work, rootfs, hostname, env, workdir, user, net, volumes, keep, command):
-    """Run CMD in new namespaces on a root made of the layers (first --lower on top)."""
+    """Run a command in its own namespaces on a rootfs built from layers.
+
+    The first --lower is the top layer. Without --upper a throwaway upper is
+    used and removed afterwards. Exit status: the command's (128+N if killed
+    by signal N, 127 not found, 126 not executable); 2 for bad options.
+    """
     try:
         plan = build_plan(command, lowers=lowers, upper=upper, work=work, rootfs=rootfs,
                           hostname=hostname, env=env, workdir=workdir, user=user, net=net,
