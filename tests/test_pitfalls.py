@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from mountutil import Stack, kernel_mount, unionfs_mount
+from mountutil import Stack, kernel_mount, unionfs_mount, wait_for
 
 
 @pytest.fixture
@@ -361,3 +361,28 @@ def test_read_only_union_gives_erofs(tmp_path):
             with pytest.raises(OSError) as e:
                 op()
             assert e.value.errno == 30   # EROFS
+
+
+# ---- bounded memory ---------------------------------------------------------------
+
+def server_stats(mnt):
+    import json
+    return json.loads(os.getxattr(mnt, "user.unionfs.stats"))
+
+
+def test_forget_keeps_the_node_table_bounded(stack):
+    nfiles = 20000
+    for i in range(nfiles // 100):
+        d = stack.lowers[1] / f"d{i}"
+        d.mkdir()
+        for j in range(100):
+            (d / f"f{j}").write_bytes(b"")
+    with stack.unionfs():
+        count = sum(len(files) for _, _, files in os.walk(stack.mnt))
+        assert count == nfiles
+        assert server_stats(stack.mnt)["nodes"] > nfiles      # the kernel holds them all
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")                                      # the kernel forgets them
+        wait_for(lambda: server_stats(stack.mnt)["nodes"] < 1000, timeout=20,
+                 what="the server to honour FORGET")
+        assert server_stats(stack.mnt)["dirfds"] <= 4096

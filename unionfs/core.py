@@ -913,6 +913,12 @@ class Union:
 
     # ---- file system --------------------------------------------------------
 
+    def stats(self) -> dict:
+        """Sizes of the server's tables: all bounded (by the kernel's references,
+        the open files and the fd cache), whatever the size of the tree."""
+        return {"nodes": len(self.nodes), "handles": len(self.handles),
+                "dirfds": len(self._dirfds)}
+
     def statfs(self):
         top = self.layers[UPPER] if self.writable else self.layers[1]
         return os.statvfs(whiteout.fd_path(top.fd))

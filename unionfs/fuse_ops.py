@@ -8,6 +8,7 @@ copied up waits for the first copy and does not start another).
 """
 import errno
 import functools
+import json
 import logging
 import stat
 import pyfuse3
@@ -17,6 +18,9 @@ from . import copyup
 from .core import Caller, Union
 
 log = logging.getLogger("unionfs")
+
+# Reading this xattr of the root (never listed) reports the server's tables.
+STATS_XATTR = b"user.unionfs.stats"
 
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
@@ -238,6 +242,8 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def getxattr(self, inode, name, ctx):
+        if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE:
+            return json.dumps(self.u.stats()).encode()
         return self.u.getxattr(inode, name)
 
     @translate_errors
