@@ -1,6 +1,6 @@
 """The container's side of a run: namespaces, the new root, and the command's exec.
 
-Process tree (each arrow a plain fork, no new interpreter):
+Process tree (no new interpreter anywhere: Python forks, then one posix_spawn):
 
     runner --fork--> keeper --fork--> init (PID 1) --posix_spawn--> command
 
@@ -207,11 +207,12 @@ def setup_root(plan, root):
     os.close(root_fd)
     try:
         libc.pivot_root(".", ".")
-        libc.umount2(".", libc.MNT_DETACH)  # the old root, stacked on top
     except OSError as e:
         say(f"pivot_root impossible ({e.strerror}); using chroot, which is weaker "
             "isolation (the host's mounts stay reachable from inside)")
         os.chroot(".")
+    else:
+        libc.umount2(".", libc.MNT_DETACH)  # the old root, stacked on top of the new
     os.chdir("/")
 
     _mkdirs("/dev")
