@@ -264,9 +264,8 @@ class Union:
                 st = lstat_at(dfd, node.name)
                 if st is not None:
                     return st
-        for h in self.handles.values():
-            if isinstance(h, Handle) and h.node is node:
-                return os.fstat(h.fd)
+        if node.handles:
+            return os.fstat(node.handles[0].fd)
         if node.orphan_st is not None:
             return node.orphan_st
         raise err(errno.ENOENT, node.path())
@@ -344,8 +343,8 @@ class Union:
         node.layer = UPPER
         if node.data_layer is not None:
             return      # the data has not moved: readers stay where they are
-        for h in self.handles.values():
-            if isinstance(h, Handle) and h.node is node and not h.writable:
+        for h in node.handles:
+            if not h.writable:
                 fd = self._open_upper(node, h.flags & ~OPEN_STRIP & ~os.O_TRUNC)
                 os.close(h.fd)
                 h.fd = fd
@@ -732,11 +731,8 @@ class Union:
         self._require_upper()
         self.copy_up(node, meta_only=size is None)
         handle = self.handles.get(fh) if fh is not None else None
-        if node.unlinked and handle is None:
-            for h in self.handles.values():
-                if isinstance(h, Handle) and h.node is node:
-                    handle = h
-                    break
+        if node.unlinked and handle is None and node.handles:
+            handle = node.handles[0]
         if handle is not None and isinstance(handle, Handle) and node.data_layer is None:
             self._setattr_fd(handle.fd, node, mode, uid, gid, size, atime_ns, mtime_ns)
         else:
@@ -832,7 +828,7 @@ class Union:
         self._next_fh += 1
         self.handles[fh] = h
         if isinstance(h, Handle):
-            h.node.handles += 1
+            h.node.handles.append(h)
         return fh
 
     @staticmethod
@@ -880,7 +876,7 @@ class Union:
             return
         if isinstance(h, Handle):
             os.close(h.fd)
-            self.nodes.release_handle(h.node)
+            self.nodes.release_handle(h.node, h)
 
     # ---- directories --------------------------------------------------------
 

@@ -46,7 +46,7 @@ class Node:
         self.layers = layers        # directories: merged layers, top first
         self.lookups = 0
         self.unlinked = False
-        self.handles = 0            # open file handles (keeps an unlinked node alive)
+        self.handles = []           # its open file handles (they keep it alive)
         self.orphan_st = None        # last stat of a removed special file
         self.aliases = None          # other (parent, name)s of a hard-linked file
         self.data_layer = None       # metacopy: the lower layer still holding the data
@@ -97,12 +97,12 @@ class NodeTable:
         if node is None or ino == ROOT_INO:
             return
         node.lookups -= count
-        if node.lookups <= 0 and node.handles <= 0:
+        if node.lookups <= 0 and not node.handles:
             del self.by_ino[ino]
 
-    def release_handle(self, node: Node) -> None:
-        node.handles -= 1
-        if node.lookups <= 0 and node.handles <= 0 and self.by_ino.get(node.ino) is node:
+    def release_handle(self, node: Node, handle) -> None:
+        node.handles.remove(handle)
+        if node.lookups <= 0 and not node.handles and self.by_ino.get(node.ino) is node:
             del self.by_ino[node.ino]
 
     def __len__(self):
