@@ -13,7 +13,7 @@ import signal
 import sys
 
 from . import sandbox
-from .union import UnionError, UnionStack
+from .union import UnionError, UnionStack, signals_blocked
 
 class Interrupted(Exception):
     def __init__(self, signum):
@@ -53,9 +53,13 @@ def execute(plan, announce=None):
     keeper = None
     keeper_reaped = False
     forwarded = []
+    interrupted = []
 
     def on_signal(signum, frame):
         if keeper is None:
+            if interrupted:
+                return  # already on the way out; never cut the teardown short
+            interrupted.append(signum)
             raise Interrupted(signum)
         if keeper_reaped:
             return  # its pid may belong to someone else by now
@@ -72,7 +76,8 @@ def execute(plan, announce=None):
         if plan.rootfs is not None:
             root = plan.rootfs
         else:
-            stack = UnionStack(plan)
+            with signals_blocked(sandbox.FORWARDED_SIGNALS):  # no state dir without owner
+                stack = UnionStack(plan)
             root = stack.mount()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -93,12 +98,8 @@ def execute(plan, announce=None):
         if terminal is not None:
             take_back_terminal(terminal)
         if stack is not None:
-            # No signal may cut the teardown short.
-            signal.pthread_sigmask(signal.SIG_BLOCK, sandbox.FORWARDED_SIGNALS)
-            try:
+            with signals_blocked(sandbox.FORWARDED_SIGNALS):
                 problems = stack.close()
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, sandbox.FORWARDED_SIGNALS)
             for problem in problems:
                 sandbox.say(problem)
             if plan.keep and stack.throwaway and not problems and announce:

@@ -27,6 +27,19 @@ class UnionError(RuntimeError):
     """The union could not be mounted or taken down (one line)."""
 
 
+class signals_blocked:
+    """Hold back `signums` for a block (they are delivered when it ends)."""
+
+    def __init__(self, signums=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+        self.signums = signums
+
+    def __enter__(self):
+        self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signums)
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
+
+
 def make_state_dir():
     """A fresh 0700 directory for this run (tempfile's import costs ~5 ms)."""
     base = os.environ.get("TMPDIR") or "/tmp"
@@ -143,14 +156,9 @@ class UnionStack:
         argv = mount_command(self.plan.lowers, self.upper, self.work, self.mountpoint)
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            if os.environ.get(MOUNT_PROGRAM_ENV):
-                self.server_pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
-                ], setsid=True)
-            else:
-                self.server_pid = _fork_unionfs_server(argv[1:], log_fd)
+            # The server's pid is recorded before an interrupt can unwind this frame.
+            with signals_blocked():
+                self.server_pid = self._start_server(argv, log_fd)
         except OSError as e:
             raise UnionError(f"cannot start {argv[0]}: {e.strerror}") from None
         finally:
@@ -169,6 +177,16 @@ class UnionStack:
                 raise UnionError(f"the union was not mounted after {MOUNT_TIMEOUT:.0f} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
+
+    @staticmethod
+    def _start_server(argv, log_fd):
+        if os.environ.get(MOUNT_PROGRAM_ENV):
+            return os.posix_spawn(argv[0], argv, os.environ, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ], setsid=True)
+        return _fork_unionfs_server(argv[1:], log_fd)
 
     def _log_tail(self):
         try:
