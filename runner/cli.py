@@ -67,9 +67,11 @@ def run(lowers, upper, work, rootfs, hostname, env, workdir, user, net, volumes,
         plan = build_plan(command, lowers=lowers, upper=upper, work=work, rootfs=rootfs,
                           hostname=hostname, env=env, workdir=workdir, user=user, net=net,
                           volumes=volumes, keep=keep)
+        from .run import RunError, execute
     except PlanError as e:
         raise RunUsageError(str(e)) from None
-    from .run import RunError, execute
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # nothing exists yet: just stop, as a shell would
     try:
         status = execute(plan, announce=lambda message: click.echo(
             f"unionfs run: {message}", err=True))
