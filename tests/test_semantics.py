@@ -150,7 +150,22 @@ def remove_all_then_recreate(mnt):
     return sorted(os.listdir(d))
 
 
+def exchange_dir_into_deleted_lower_dir(mnt):
+    for name in os.listdir(f"{mnt}/dir"):
+        os.unlink(f"{mnt}/dir/{name}")
+    os.rmdir(f"{mnt}/dir")
+    open(f"{mnt}/dir", "w").write("a file over a deleted lower dir")
+    renameat2(f"{mnt}/udir", f"{mnt}/dir", RENAME_EXCHANGE)
+    return sorted(os.listdir(f"{mnt}/dir"))
+
+
 OPS = {
+    "rename dir onto a deleted lower dir": lambda m: (os.rmdir(f"{m}/ldir"),
+                                                      os.rename(f"{m}/udir", f"{m}/ldir"),
+                                                      sorted(os.listdir(f"{m}/ldir"))),
+    "rename dir onto a deleted lower file": lambda m: (os.unlink(f"{m}/lower"),
+                                                       os.rename(f"{m}/udir", f"{m}/lower")),
+    "exchange dir into a deleted lower dir": exchange_dir_into_deleted_lower_dir,
     "unlink lower": lambda m: os.unlink(f"{m}/lower"),
     "unlink then create": lambda m: (os.unlink(f"{m}/lower"),
                                      open(f"{m}/lower", "w").write("new")),

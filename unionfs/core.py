@@ -79,6 +79,9 @@ class Union:
         self.fmt = whiteout_format
         self.durable = durable
         self.metacopy = metacopy
+        # inode numbers whose attributes changed behind the kernel's back
+        # (a copy-up moves an object); the adapter tells the kernel
+        self.attr_changed: list = []
         devs = {layer.dev for layer in self.layers if layer is not None}
         self.nodes = NodeTable(devs.pop() if len(devs) == 1 else None)
         self._dirfds: OrderedDict = OrderedDict()
@@ -332,6 +335,7 @@ class Union:
 
     def commit_copyup(self, node: Node, job: copyup.CopyJob) -> None:
         """After a copy: the node lives in upper; reopen read-only handles there."""
+        self.attr_changed.append(node.ino)
         if job.kind == copyup.META:
             node.data_layer = node.layer
         elif job.kind == copyup.DATA:
@@ -672,35 +676,28 @@ class Union:
         self.copy_up(old_parent)
         self.copy_up(new_parent)
         self.copy_up(src)
+        old_dfd = self.upper_dirfd(old_parent)
+        new_dfd = self.upper_dirfd(new_parent)
+        # a directory arriving where lower layers hold the name must hide them
+        if src_is_dir and self._lower_positive(new_parent, new_name):
+            self._make_opaque(old_dfd, old_name, src)
         if exchange:
             self.copy_up(dst)
-            sysc.renameat2(self.upper_dirfd(old_parent), old_name,
-                           self.upper_dirfd(new_parent), new_name, sysc.RENAME_EXCHANGE)
+            if dst.kind == stat.S_IFDIR and self._lower_positive(old_parent, old_name):
+                self._make_opaque(new_dfd, new_name, dst)
+            sysc.renameat2(old_dfd, old_name, new_dfd, new_name, sysc.RENAME_EXCHANGE)
             self._unname(src, old_parent, old_name)
             self._unname(dst, new_parent, new_name)
             self._name_node(src, new_parent, new_name)
             self._name_node(dst, old_parent, old_name)
             return
         src_needs_whiteout = self._lower_positive(old_parent, old_name)
-        old_dfd = self.upper_dirfd(old_parent)
-        new_dfd = self.upper_dirfd(new_parent)
         dst_ust = lstat_at(new_dfd, new_name)
-        dst_lower = dst_found is not None and dst_found.layer != UPPER or \
-            (dst is not None and self._lower_positive(new_parent, new_name))
         if dst_ust is not None and stat.S_ISDIR(dst_ust.st_mode):
             # the upper target may hold whiteouts of its (empty) merged view
             tmp = copyup.temp_name()
             sysc.renameat2(new_dfd, new_name, self.work_fd, tmp, sysc.RENAME_NOREPLACE)
             copyup.remove_tree(self.work_fd, tmp)
-            dst_ust = None
-        if src_is_dir and (dst_lower or (dst is None and self._lower_positive(new_parent,
-                                                                              new_name))):
-            sfd = sysc.openat2(old_dfd, old_name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
-            try:
-                whiteout.make_opaque(sfd, self.fmt)
-            finally:
-                os.close(sfd)
-            src.layers = (UPPER,)
         elif dst_ust is not None and src_is_dir:
             # a whiteout under the target name: a directory cannot replace it
             os.unlink(new_name, dir_fd=new_dfd)
@@ -715,6 +712,14 @@ class Union:
             self._unname(dst, new_parent, new_name)
         self._unname(src, old_parent, old_name)
         self._name_node(src, new_parent, new_name)
+
+    def _make_opaque(self, dirfd: int, name: bytes, node: Node) -> None:
+        fd = sysc.openat2(dirfd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            whiteout.make_opaque(fd, self.fmt)
+        finally:
+            os.close(fd)
+        node.layers = (UPPER,)
 
     def _is_ancestor(self, node: Node, other: Node) -> bool:
         while other is not None:

@@ -28,9 +28,9 @@ ATTR_TIMEOUT = 300.0
 
 def translate_errors(fn):
     @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(self, *args, **kwargs):
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
@@ -38,6 +38,9 @@ def translate_errors(fn):
         except Exception:
             log.exception("internal error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if self.u.attr_changed:
+                self._invalidate_attrs()
     return wrapper
 
 
@@ -105,10 +108,19 @@ class Operations(pyfuse3.Operations):
                     else:
                         await trio.to_thread.run_sync(copyup.run, job, limiter=self._limiter)
                     self.u.commit_copyup(n, job)
-                    # attributes change with the move (ctime, a directory's nlink)
-                    pyfuse3.invalidate_inode(n.ino, attr_only=True)
             if not lock.statistics().tasks_waiting:
                 self._copy_locks.pop(n.ino, None)
+
+    def _invalidate_attrs(self):
+        """A copy-up changes attributes the kernel has cached (ctime, a
+        directory's nlink once merged): drop them. Attribute-only invalidation
+        takes no inode lock, so it is safe inside any request."""
+        changed, self.u.attr_changed = self.u.attr_changed, []
+        for ino in set(changed):
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
+            except OSError:
+                pass        # the kernel no longer knows the inode: nothing cached
 
     # ---- handlers -----------------------------------------------------------
 
