@@ -36,6 +36,25 @@ BLOCKED_AROUND_FORK = (*FORWARDED_SIGNALS, KILL_SIGNAL)
 # exit, then kills PID 1.
 GRACE_SECONDS = 10
 SETUP_FAILED = 1
+# The capabilities a container's root keeps (docker's default set): enough to
+# own files, switch users and bind low ports; not enough to load modules,
+# mount, trace, set the clock or change the hostname.
+CONTAINER_CAPABILITIES = frozenset({
+    0,   # CHOWN
+    1,   # DAC_OVERRIDE
+    3,   # FOWNER
+    4,   # FSETID
+    5,   # KILL
+    6,   # SETGID
+    7,   # SETUID
+    8,   # SETPCAP
+    10,  # NET_BIND_SERVICE
+    13,  # NET_RAW
+    18,  # SYS_CHROOT
+    27,  # MKNOD
+    29,  # AUDIT_WRITE
+    31,  # SETFCAP
+})
 
 
 def say(message):
@@ -131,12 +150,22 @@ def _init(plan, root, terminal):
     libc.sethostname(plan.hostname)
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
     _mkdirs(plan.cwd)
+    _limit_capabilities()
     try:
         _drop_privileges(plan)
     except OSError as e:
         say(f"cannot prepare the command: {_describe(e)}")
         return SETUP_FAILED
     return pid1.run_command(lambda: _spawn_command(plan), FORWARDED_SIGNALS, terminal)
+
+
+def _limit_capabilities():
+    """Shrink the bounding set: the command's root gets CONTAINER_CAPABILITIES only."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if cap not in CONTAINER_CAPABILITIES:
+            libc.prctl(libc.PR_CAPBSET_DROP, cap)
 
 
 def _mkdirs(path, mode=0o755):

@@ -93,10 +93,22 @@ def test_zombies_are_reaped_and_orphans_do_not_outlive_the_run(lower, state_base
 def test_hostname_is_isolated(lower, state_base):
     before = socket.gethostname()
     result = run(lower, state_base, "--hostname", "boxy", "--", "sh", "-c",
-                 "hostname; hostname renamed; hostname")
+                 "hostname; cat /proc/sys/kernel/hostname")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["boxy", "renamed"]
+    assert result.stdout.split() == ["boxy", "boxy"]
     assert socket.gethostname() == before
+
+
+def test_the_containers_root_has_only_the_default_capabilities(lower, state_base):
+    result = run(lower, state_base, "--", "sh", "-c",
+                 "grep -E '^Cap(Eff|Bnd)' /proc/self/status; hostname other 2>/dev/null; "
+                 "mount -t tmpfs none /mnt 2>/dev/null; echo $?")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    effective, bounding = (int(line.split()[1], 16) for line in lines[:2])
+    expected = sum(1 << cap for cap in (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31))
+    assert effective == bounding == expected
+    assert lines[2] != "0"  # mounting is not allowed inside
 
 
 def test_container_environment(lower, state_base, tmp_path):
