@@ -44,4 +44,6 @@ fi
 for prog in unionfs fuse-unionfs; do
   ln -sfn "$VENV/bin/$prog" "/usr/local/bin/$prog"
 done
+# umount(8) runs this for fuse.unionfs mounts: it waits for the server to exit
+ln -sfn "$here/scripts/umount.fuse.unionfs" /sbin/umount.fuse.unionfs
 echo "setup: ready ($VENV)" >&2

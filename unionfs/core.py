@@ -917,7 +917,7 @@ class Union:
     def stats(self) -> dict:
         """Sizes of the server's tables: all bounded (by the kernel's references,
         the open files and the fd cache), whatever the size of the tree."""
-        return {"nodes": len(self.nodes), "handles": len(self.handles),
+        return {"pid": os.getpid(), "nodes": len(self.nodes), "handles": len(self.handles),
                 "dirfds": len(self._dirfds)}
 
     def statfs(self):

@@ -162,18 +162,18 @@ def _serve(cfg: MountConfig, ready_fd: int | None) -> int:
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
-    unmount = True
     try:
         trio.run(main)
     finally:
-        # after an external unmount the session is gone; unmounting again is harmless
-        try:
-            pyfuse3.close(unmount=unmount)
-        except Exception:   # noqa: BLE001 - best effort on the way out
-            pass
+        # release the layers first: whoever unmounted us may unmount them next
         union.close()
         if lock_fd is not None:
             os.close(lock_fd)
+        # after an external unmount the session is gone; unmounting again is harmless
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:   # noqa: BLE001 - best effort on the way out
+            pass
     return 0
 
 
@@ -222,17 +222,34 @@ def start(cfg: MountConfig) -> int:
     raise MountError(answer.decode(errors="replace") or "the server died before mounting")
 
 
-def unmount(mountpoint: str) -> None:
+def server_pid(mnt: str) -> int | None:
+    """The pid of the server of a unionfs mount (from the root's stats xattr)."""
+    import json
+    try:
+        return json.loads(os.getxattr(mnt, "user.unionfs.stats"))["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def unmount(mountpoint: str, timeout: float = 10.0) -> None:
+    """Unmount, then wait until the server has exited (its layers are free)."""
     import subprocess
+    import time
     mnt = os.path.realpath(mountpoint)
     if not os.path.ismount(mnt):
         raise MountError(f"{mnt!r} is not mounted")
-    res = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
-    if res.returncode != 0:
-        try:
-            _umount2(mnt)
-        except OSError as e:
-            raise MountError(f"cannot unmount {mnt!r}: {e.strerror}") from None
+    pid = server_pid(mnt)
+    try:
+        _umount2(mnt)
+    except OSError:
+        res = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise MountError(f"cannot unmount {mnt!r}: {res.stderr.strip()}") from None
+    deadline = time.monotonic() + timeout
+    while pid is not None and os.path.exists(f"/proc/{pid}/fd/0"):
+        if time.monotonic() > deadline:
+            raise MountError(f"the server of {mnt!r} (pid {pid}) did not exit")
+        time.sleep(0.002)
 
 
 def _umount2(mnt: str) -> None:
