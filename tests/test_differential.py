@@ -5,7 +5,9 @@ op sequence on a kernel overlay and on unionfs, and compares every result and
 the merged trees (see docs/testing.md). A failure prints the seed, the ops up
 to the divergence with both results, and the command that replays it.
 
-Fast tier (default, CI): UNIONFS_DIFF_SEEDS seeds (40) x UNIONFS_DIFF_OPS ops (60).
+Fast tier (default, CI): UNIONFS_DIFF_SEEDS seeds (40) x UNIONFS_DIFF_OPS ops (60),
+plus UNIONFS_DIFF_OCI_SEEDS (10) with unionfs writing OCI-form markers, plus the
+open-flag matrix.
 Slow tier (`pytest -m slow`): UNIONFS_DIFF_SLOW_SEEDS (300) x UNIONFS_DIFF_SLOW_OPS
 (2000); without `-m slow` it runs one seed of 300 ops as a smoke test.
 UNIONFS_DIFF_TARGET=fuse-overlayfs|kernel points the same test at a peer.
@@ -20,6 +22,7 @@ from difftest import harness, mounts
 TARGET = os.environ.get("UNIONFS_DIFF_TARGET", "unionfs")
 FAST_SEEDS = int(os.environ.get("UNIONFS_DIFF_SEEDS", "40"))
 FAST_OPS = int(os.environ.get("UNIONFS_DIFF_OPS", "60"))
+OCI_SEEDS = int(os.environ.get("UNIONFS_DIFF_OCI_SEEDS", "10"))  # unionfs -o whiteout=oci
 SLOW_SEEDS = int(os.environ.get("UNIONFS_DIFF_SLOW_SEEDS", "300"))
 SLOW_OPS = int(os.environ.get("UNIONFS_DIFF_SLOW_OPS", "2000"))
 SMOKE_OPS = 300  # the slow test's one seed when `-m slow` is not given
@@ -29,6 +32,8 @@ SLOW_SEED_BASE = 100_000  # the slow tier explores seeds the fast tier never run
 def pytest_generate_tests(metafunc):
     if "fast_seed" in metafunc.fixturenames:
         metafunc.parametrize("fast_seed", range(FAST_SEEDS))
+    if "oci_seed" in metafunc.fixturenames:
+        metafunc.parametrize("oci_seed", range(1000, 1000 + OCI_SEEDS))
     if "slow_seed" in metafunc.fixturenames:
         selected = "slow" in (metafunc.config.getoption("markexpr") or "")
         count = SLOW_SEEDS if selected else 1
@@ -55,8 +60,9 @@ def requirements():
         pytest.fail(f"UNIONFS_DIFF_TARGET={TARGET!r}: not one of {mounts.TARGETS}")
 
 
-def _run(seed, nops, tmp_path):
-    div = harness.first_divergence(seed, nops, tmp_path, TARGET)
+def _run(seed, nops, tmp_path, target=TARGET):
+    div = harness.first_divergence(seed, nops, tmp_path, target,
+                                   deadline=max(120.0, nops * 0.5))
     if div is not None:
         pytest.fail(div.report(), pytrace=False)
 
@@ -74,6 +80,15 @@ def test_open_flag_matrix(requirements, tmp_path):
 @pytest.mark.timeout(300)
 def test_differential(requirements, fast_seed, tmp_path):
     _run(fast_seed, FAST_OPS, tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_differential_oci_upper(requirements, oci_seed, tmp_path):
+    """unionfs writing OCI-form markers (`-o whiteout=oci`, its non-root mode) must show
+    the same behaviour; its upper, converted, must still mount under the kernel."""
+    if TARGET != "unionfs":
+        pytest.skip("the OCI-upper variant is unionfs's own")
+    _run(oci_seed, FAST_OPS, tmp_path, "unionfs-oci")
 
 
 @pytest.mark.slow

@@ -14,7 +14,9 @@ import threading
 import time
 from pathlib import Path
 
-TARGETS = ("unionfs", "fuse-overlayfs", "kernel")
+# unionfs-oci: unionfs told to write OCI-form markers (`-o whiteout=oci`), as it
+# does when it cannot write the kernel form (not root)
+TARGETS = ("unionfs", "unionfs-oci", "fuse-overlayfs", "kernel")
 
 
 class MountError(RuntimeError):
@@ -74,10 +76,12 @@ def _unionfs_command():
 
 
 def fuse_command(target, lowers, upper, work, mnt):
-    if target == "unionfs":
+    if target in ("unionfs", "unionfs-oci"):
         cmd = [_unionfs_command(), "mount"]
         for lower in lowers:
             cmd += ["--lower", str(lower)]
+        if target == "unionfs-oci":
+            cmd += ["-o", "whiteout=oci"]
         return cmd + ["--upper", str(upper), "--work", str(work), str(mnt)]
     if target == "fuse-overlayfs":
         return ["fuse-overlayfs", "-o",
@@ -116,11 +120,15 @@ def fuse_union(target, lowers, upper, work, mnt, deadline=120.0, server_log=None
     cmd = fuse_command(target, lowers, upper, work, mnt)
     log_path = f"{mnt}.server.log"
     proc = None
-    if target == "unionfs":
+    if target.startswith("unionfs"):
         cmd.insert(2, "-f")
+        env = dict(os.environ)
+        if os.environ.get("UNIONFS_DIFF_PYTHONPATH"):
+            # serve a pinned copy of the package (replay --snapshot), not the working tree
+            env["PYTHONPATH"] = os.environ["UNIONFS_DIFF_PYTHONPATH"]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, env=env)
         ok = _wait_mounted(mnt, proc, 60)
         failure = "" if ok else open(log_path, errors="replace").read()[-2000:]
     else:

@@ -7,6 +7,7 @@ that caused it; with --keep the layer copies stay on disk for inspection.
 """
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -26,10 +27,14 @@ from . import harness, mounts
               help="keep the layers under this directory")
 @click.option("--no-remount-check", is_flag=True, help="skip the kernel remount of the upper")
 @click.option("--ignore", multiple=True, help="leave this entry field out (e.g. nlink, mtime)")
-def main(seeds, nops, target, bisect, keep, no_remount_check, ignore):
+@click.option("--snapshot", metavar="GITREV", default=None,
+              help="serve unionfs from this commit (git archive), not the working tree")
+def main(seeds, nops, target, bisect, keep, no_remount_check, ignore, snapshot):
     """Replay SEEDS (one or more) against kernel overlayfs."""
     if os.geteuid() != 0:
         raise click.UsageError("needs root (mounts overlay and FUSE filesystems)")
+    if snapshot:
+        os.environ["UNIONFS_DIFF_PYTHONPATH"] = _export_snapshot(snapshot)
     failed = 0
     for seed in seeds:
         base = keep or tempfile.mkdtemp(prefix=f"difftest-{seed}-")
@@ -48,6 +53,18 @@ def main(seeds, nops, target, bisect, keep, no_remount_check, ignore):
             failed += 1
             click.echo(div.report())
     sys.exit(1 if failed else 0)
+
+
+def _export_snapshot(rev):
+    """Unpack the unionfs package as of `rev` into a temp dir; return that dir."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    dest = tempfile.mkdtemp(prefix="difftest-unionfs-")
+    archive = subprocess.run(["git", "-C", repo, "archive", rev, "unionfs"],
+                             capture_output=True)
+    if archive.returncode != 0:
+        raise click.UsageError(f"git archive {rev}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
+    return dest
 
 
 if __name__ == "__main__":
