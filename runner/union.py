@@ -53,17 +53,6 @@ def make_state_dir():
     raise UnionError(f"cannot create a state directory in {base}")
 
 
-def unionfs_program():
-    beside = os.path.join(os.path.dirname(sys.executable), "unionfs")
-    if os.access(beside, os.X_OK):
-        return beside
-    import shutil
-    found = shutil.which("unionfs")
-    if not found:
-        raise UnionError("the unionfs program was not found")
-    return found
-
-
 def mount_command(lowers, upper, work, mountpoint):
     override = os.environ.get(MOUNT_PROGRAM_ENV)
     if override:
@@ -71,7 +60,7 @@ def mount_command(lowers, upper, work, mountpoint):
         if upper:
             opts += f",upperdir={upper},workdir={work}"
         return [override, "-f", "-o", opts, mountpoint]
-    argv = [unionfs_program(), "mount", "-f"]
+    argv = ["unionfs", "mount", "-f"]  # run by _fork_unionfs_server, not exec'd
     for lower in lowers:
         argv += ["--lower", lower]
     if upper:
