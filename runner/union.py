@@ -43,7 +43,7 @@ class signals_blocked:
 def make_state_dir():
     """A fresh 0700 directory for this run (tempfile's import costs ~5 ms)."""
     base = os.environ.get("TMPDIR") or "/tmp"
-    for attempt in range(1000):
+    for _ in range(1000):
         path = os.path.join(base, f"{STATE_PREFIX}{os.getpid()}-{time.monotonic_ns() % 10**9}")
         try:
             os.mkdir(path, 0o700)
