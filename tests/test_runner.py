@@ -514,3 +514,12 @@ def test_startup_bench_returns_records_for_every_contender_it_ran():
     assert ("unionfs-run", END_TO_END) in ran, notes
     assert not [note for note in notes.values() if note.startswith("failed")], notes
     assert "unionfs-run" in format_table(records)
+
+
+def test_net_host_shares_the_hosts_interfaces(lower, state_base):
+    host_links = len([n for n in os.listdir("/sys/class/net")])
+    result = run(lower, state_base, "--net", "host", "--", "sh", "-c", "ls /sys/class/net | wc -l")
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == host_links
+    isolated = run(lower, state_base, "--", "sh", "-c", "ls /sys/class/net")
+    assert isolated.stdout.split() == ["lo"]
