@@ -191,7 +191,7 @@ def write_charts(records, out_dir):
                      and any(table.ratio(k, i, "overlay") for k in gkeys)]
             if not impls:
                 continue
-            fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(gkeys) + 2), 4.2))
+            fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(gkeys) + 3.5), 4.2))
             width = 0.8 / len(impls)
             for n, impl in enumerate(impls):
                 xs, ys = [], []
@@ -201,7 +201,7 @@ def write_charts(records, out_dir):
                         xs.append(x + (n - (len(impls) - 1) / 2) * width)
                         ys.append(r)
                 ax.bar(xs, ys, width, label=impl)
-            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.axhline(1.0, color="black", linewidth=0.8, label="overlay (kernel) = 1")
             ax.set_yscale("log")
             ax.set_xticks(range(len(gkeys)))
             ax.set_xticklabels([f"{k[2]}\n{k[3]}" for k in gkeys], fontsize=7,
@@ -210,10 +210,25 @@ def write_charts(records, out_dir):
             ax.set_ylabel("time / kernel overlayfs (log)")
             ax.set_title(f"{group} ({config}): median ratio to kernel overlayfs, lower is faster",
                          fontsize=9)
-            ax.legend(fontsize=7, ncol=min(3, len(impls)))
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            ax.grid(axis="y", which="major", linewidth=0.3)
             fig.tight_layout()
             name = f"chart-{config}-{group}.png"
             fig.savefig(os.path.join(out_dir, name), dpi=90)
             plt.close(fig)
             written.append(name)
     return written
+
+
+def rerender(out_dir):
+    """Rewrite summary.md and the charts of an earlier run from its records."""
+    records = load(os.path.join(out_dir, "records.jsonl"))
+    with open(os.path.join(out_dir, "run.json")) as f:
+        info = json.load(f)
+    write_charts(records, out_dir)
+    write_summary(records, out_dir, info)
+
+
+if __name__ == "__main__":  # python -m bench.report OUT_DIR
+    import sys
+    rerender(sys.argv[1])
