@@ -27,6 +27,21 @@ def server_pids(mnt):
     return [int(p) for p in out]
 
 
+def holders(path):
+    """Processes with an fd or cwd under path (to explain an EBUSY)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink(f"/proc/{pid}/cwd")] + [
+                os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if any(link.startswith(str(path)) for link in links):
+            found.append((pid, cmd[:200]))
+    return found
+
+
 def lowerdir(stack):
     return ":".join(map(str, stack.lowers))
 
@@ -55,7 +70,7 @@ def test_layers_can_be_unmounted_on_the_next_line(tmp_path, unmount):
             assert (stack.mnt / "f").read_text() == "x"
             subprocess.run(unmount + [str(stack.mnt)], check=True)
             res = run(["umount", str(stack.lowers[0])])     # EBUSY if a layer fd lingered
-            assert res.returncode == 0, res.stderr
+            assert res.returncode == 0, (res.stderr, holders(stack.lowers[0]))
     finally:
         force_unmount(stack.mnt)
         subprocess.run(["umount", "-l", str(stack.lowers[0])], capture_output=True)

@@ -380,7 +380,7 @@ def test_forget_keeps_the_node_table_bounded(stack):
     with stack.unionfs():
         count = sum(len(files) for _, _, files in os.walk(stack.mnt))
         assert count == nfiles
-        assert server_stats(stack.mnt)["nodes"] > nfiles      # the kernel holds them all
+        assert server_stats(stack.mnt)["nodes"] > nfiles // 2   # the kernel holds them
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("2")                                      # the kernel forgets them
         wait_for(lambda: server_stats(stack.mnt)["nodes"] < 1000, timeout=20,
