@@ -15,6 +15,7 @@ A stack is built once per parameter set under /var/tmp/unionfs-bench/<hash>/ and
 reused by later runs; `.complete` marks a finished build.
 """
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -459,8 +460,25 @@ def _prune_stale(cache_root, params, keep, log):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _lock(cache_root, params, log):
+    """Held until the process exits: one bench per preset at a time, since runs
+    share the stack's scratch area and mutate (and restore) its native tree."""
+    os.makedirs(cache_root, exist_ok=True)
+    lock = open(os.path.join(cache_root, f"{params.name}.lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"stack: waiting for another bench run on the {params.name} stack")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+_held_locks = []
+
+
 def build(params, log=print, cache_root=CACHE_ROOT):
     """Return the cached Stack for `params`, generating it first if needed."""
+    _held_locks.append(_lock(cache_root, params, log))
     root = os.path.join(cache_root, f"{params.name}-{params.digest()}")
     done = os.path.join(root, ".complete")
     if os.path.exists(done):

@@ -208,6 +208,9 @@ class Suite:
     # -------------------------------------------------------------- mounting
     def _fresh_dirs(self, config):
         base = os.path.join(config.stack.scratch, "run")
+        mnt = os.path.join(base, "mnt")
+        if os.path.ismount(mnt):  # left behind by a killed run: never delete through it
+            subprocess.run(["umount", "-l", mnt], stderr=subprocess.DEVNULL)
         _rmtree(base)
         dirs = {k: os.path.join(base, k) for k in ("upper", "work", "mnt")}
         for d in dirs.values():
@@ -295,8 +298,9 @@ class Suite:
 
     def _check(self, args):
         config, target, root = args
+        sample = config.stack.meta["content_sample"]
         problems = correctness.compare(root, config.stack.reference,
-                                       config.stack.meta["content_sample"], target.name)
+                                       sample[::4] if self.quick else sample, target.name)
         if problems:
             path = os.path.join(self.out_dir, f"correctness-{config.name}-{target.name}.txt")
             with open(path, "w") as f:
