@@ -2,6 +2,7 @@
 import datetime
 import json
 import os
+import subprocess
 import time
 
 import click
@@ -77,7 +78,7 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
                   or w.group in wanted_workloads]
         return [w for w in chosen if groups is None or w.group in groups]
 
-    config_objs, cleanups = [], []
+    config_objs, cleanups, skipped_configs = [], [], []
     try:
         for name in configs:
             if name == "ext4":
@@ -91,8 +92,10 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
                     continue
                 try:
                     xfs_stack, cleanup = suitemod.xfs_config(base, log)
-                except Exception as e:  # report and carry on with the other configs
+                except (OSError, subprocess.CalledProcessError) as e:
+                    # report it and carry on with the other configuration
                     log(f"xfs-reflink: skipped: {e}")
+                    skipped_configs.append(("xfs-reflink", str(e)))
                     continue
                 cleanups.append(cleanup)
                 config_objs.append(suitemod.Config("xfs-reflink", xfs_stack,
@@ -101,7 +104,7 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
             config_objs, targets, out_dir, quick,
             reps or (1 if quick else 5), heavy_reps or (1 if quick else 5),
             timeout or (60 if quick else 600), log)
-        runner.run()
+        runner.run(skipped_configs)
     finally:
         for cleanup in cleanups:
             cleanup()

@@ -43,6 +43,8 @@ class Table:
         self.impls, self.configs = [], []
         self.order = []  # (config, group, workload, metric) in first-seen order
         for rec in records:
+            if rec["impl"] == "*":  # a whole configuration was skipped
+                continue
             if rec["impl"] not in self.impls:
                 self.impls.append(rec["impl"])
             if rec["config"] not in self.configs:

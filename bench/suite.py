@@ -308,7 +308,15 @@ class Suite:
         return [("mismatches", len(problems), "count")]
 
     # -------------------------------------------------------------- the loop
-    def run(self):
+    def run(self, skipped_configs=()):
+        for name, reason in skipped_configs:
+            rec = {"impl": "*", "workload": "*", "metric": "skipped", "value": None, "unit": "",
+                   "rep": 0, "config": name, "fstype": "?", "kernel": self.kernel,
+                   "version": "-", "commit": self.commit, "quick": self.quick,
+                   "reason": f"configuration unavailable: {reason}"}
+            self.records.append(rec)
+            with open(self.records_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         for target in self.targets:
             reason = target.unavailable()
             self.versions[target.name] = "-" if reason else target.version()

@@ -8,6 +8,7 @@ mode is one line there.
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 # (target name, extra `-o` options for `unionfs mount`)
@@ -214,18 +215,21 @@ class Unionfs(Target):
         super().__init__()
         self.name = name
         self.options = list(options)
+        # The unionfs installed beside this interpreter is the one being measured.
+        beside = os.path.join(os.path.dirname(sys.executable), "unionfs")
+        self.command = beside if os.path.exists(beside) else shutil.which("unionfs")
 
     def unavailable(self):
-        if not shutil.which(self.program):
-            return "unionfs is not on PATH (run scripts/setup.sh)"
+        if not self.command:
+            return "unionfs is not installed (run scripts/setup.sh)"
         return None
 
     def version(self):
-        out = subprocess.run([self.program, "--version"], capture_output=True, text=True)
+        out = subprocess.run([self.command, "--version"], capture_output=True, text=True)
         return (out.stdout.strip().split() or ["?"])[-1]
 
     def mount(self, layers, upper, work, mnt):
-        argv = [self.program, "mount"]
+        argv = [self.command, "mount"]
         for layer in layers:
             argv += ["--lower", layer]
         argv += ["--upper", upper, "--work", work]
