@@ -15,6 +15,7 @@ import time
 UNIONFS_MODES = [
     ("unionfs", []),
     ("unionfs-volatile", ["volatile"]),
+    ("unionfs-metacopy", ["metacopy=on"]),
 ]
 
 MOUNT_TIMEOUT = 60
