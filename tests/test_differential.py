@@ -6,7 +6,8 @@ the merged trees (see docs/testing.md). A failure prints the seed, the ops up
 to the divergence with both results, and the command that replays it.
 
 Fast tier (default, CI): UNIONFS_DIFF_SEEDS seeds (40) x UNIONFS_DIFF_OPS ops (60),
-plus UNIONFS_DIFF_OCI_SEEDS (10) with unionfs writing OCI-form markers, plus the
+plus UNIONFS_DIFF_OCI_SEEDS (10) with unionfs writing OCI-form markers, plus
+UNIONFS_DIFF_SPLIT_SEEDS (8) with every lower layer on its own tmpfs, plus the
 open-flag matrix.
 Slow tier (`pytest -m slow`): UNIONFS_DIFF_SLOW_SEEDS (300) x UNIONFS_DIFF_SLOW_OPS
 (2000); without `-m slow` it runs one seed of 300 ops as a smoke test.
@@ -23,6 +24,7 @@ TARGET = os.environ.get("UNIONFS_DIFF_TARGET", "unionfs")
 FAST_SEEDS = int(os.environ.get("UNIONFS_DIFF_SEEDS", "40"))
 FAST_OPS = int(os.environ.get("UNIONFS_DIFF_OPS", "60"))
 OCI_SEEDS = int(os.environ.get("UNIONFS_DIFF_OCI_SEEDS", "10"))  # unionfs -o whiteout=oci
+SPLIT_SEEDS = int(os.environ.get("UNIONFS_DIFF_SPLIT_SEEDS", "8"))  # lowers on their own tmpfs
 SLOW_SEEDS = int(os.environ.get("UNIONFS_DIFF_SLOW_SEEDS", "300"))
 SLOW_OPS = int(os.environ.get("UNIONFS_DIFF_SLOW_OPS", "2000"))
 SMOKE_OPS = 300  # the slow test's one seed when `-m slow` is not given
@@ -32,6 +34,8 @@ SLOW_SEED_BASE = 100_000  # the slow tier explores seeds the fast tier never run
 def pytest_generate_tests(metafunc):
     if "fast_seed" in metafunc.fixturenames:
         metafunc.parametrize("fast_seed", range(FAST_SEEDS))
+    if "split_seed" in metafunc.fixturenames:
+        metafunc.parametrize("split_seed", range(2000, 2000 + SPLIT_SEEDS))
     if "oci_seed" in metafunc.fixturenames:
         metafunc.parametrize("oci_seed", range(1000, 1000 + OCI_SEEDS))
     if "slow_seed" in metafunc.fixturenames:
@@ -60,9 +64,9 @@ def requirements():
         pytest.fail(f"UNIONFS_DIFF_TARGET={TARGET!r}: not one of {mounts.TARGETS}")
 
 
-def _run(seed, nops, tmp_path, target=TARGET):
+def _run(seed, nops, tmp_path, target=TARGET, **kw):
     div = harness.first_divergence(seed, nops, tmp_path, target,
-                                   deadline=max(120.0, nops * 0.5))
+                                   deadline=max(120.0, nops * 0.5), **kw)
     if div is not None:
         pytest.fail(div.report(), pytrace=False)
 
@@ -80,6 +84,13 @@ def test_open_flag_matrix(requirements, tmp_path):
 @pytest.mark.timeout(300)
 def test_differential(requirements, fast_seed, tmp_path):
     _run(fast_seed, FAST_OPS, tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_differential_split_fs(requirements, split_seed, tmp_path):
+    """Each lower layer on its own tmpfs, so inode numbers repeat across layers: the
+    union must never show two different objects under one st_ino."""
+    _run(split_seed, FAST_OPS, tmp_path, split_fs=True)
 
 
 @pytest.mark.timeout(300)

@@ -248,7 +248,7 @@ def generate_stack(seed, root, nlowers=None):
     lowers = [root / f"lower{i}" for i in range(1, nlowers + 1)]
     upper, work, mnt = root / "upper", root / "work", root / "mnt"
     for d in lowers + [upper, work, mnt]:
-        d.mkdir()
+        d.mkdir(exist_ok=True)  # a lower may be a mounted tmpfs already (split_fs)
     merged = {}
     # bottom layer first; the upper is written last and more sparsely
     for i in reversed(range(nlowers)):

@@ -27,11 +27,12 @@ class Divergence:
     op_index: int  # index of the op found to diverge (-1: before any op)
     history: list  # (op, kernel_result, target_result) up to and including the failure
     details: list = field(default_factory=list)
+    replay_flags: str = ""
 
     def report(self):
         lines = [f"DIVERGENCE seed={self.seed} target={self.target} at {self.where}",
                  f"replay: python -m tests.difftest.replay {self.seed} --ops {self.nops} "
-                 f"--target {self.target}"]
+                 f"--target {self.target}{self.replay_flags}"]
         for i, (op, ra, rb) in enumerate(self.history):
             mark = ">>" if i == self.op_index else "  "
             if ra == rb:
@@ -74,10 +75,17 @@ def _mirror_kernel_failed_setxattr_copyup(op, result, mnt):
         pass
 
 
-def build_stacks(seed, workdir, target, make_stack=None):
-    """Two copies of the seed's stack: the kernel's with OCI markers converted."""
+def build_stacks(seed, workdir, target, make_stack=None, split_fs=None):
+    """Two copies of the seed's stack: the kernel's with OCI markers converted.
+
+    With `split_fs` (an ExitStack), every lower layer of each copy lives on its
+    own tmpfs: inode numbers then repeat across layers, and the union must not
+    confuse them (st_ino hashed from (st_dev, st_ino)).
+    """
     make_stack = make_stack or generator.generate_stack
     workdir = Path(workdir)
+    if split_fs is not None:
+        make_stack = _on_split_fs(make_stack, split_fs)
     ref = make_stack(seed, workdir / "kernel")
     for layer in ref.lowers + [ref.upper]:
         generator.convert_oci_to_kernel(layer)
@@ -88,6 +96,17 @@ def build_stacks(seed, workdir, target, make_stack=None):
         for layer in tgt.lowers + [tgt.upper]:
             generator.convert_oci_to_kernel(layer)
     return ref, tgt
+
+
+def _on_split_fs(make_stack, exit_stack):
+    def make(seed, root):
+        root = Path(root)
+        for i in range(1, 5):  # generate_stack makes up to 4 lowers, named lower1..4
+            d = root / f"lower{i}"
+            d.mkdir(parents=True)
+            exit_stack.enter_context(mounts.tmpfs(d))
+        return make_stack(seed, root)  # unused lowerN tmpfs mounts stay empty
+    return make
 
 
 def _lower_only(paths, upper):
@@ -102,20 +121,30 @@ def random_ops(seed):
 
 
 def run_seed(seed, nops, workdir, target="unionfs", remount_check=True, deadline=120.0,
-             ignore=(), make_stack=None, op_source=None):
+             ignore=(), make_stack=None, op_source=None, split_fs=False):
+    with contextlib.ExitStack() as fs_mounts:
+        div = _run_seed(seed, nops, workdir, target, remount_check, deadline, ignore,
+                        make_stack, op_source, fs_mounts if split_fs else None)
+    if div is not None and split_fs:
+        div.replay_flags += " --split-fs"
+    return div
+
+
+def _run_seed(seed, nops, workdir, target, remount_check, deadline, ignore, make_stack,
+              op_source, split_fs):
     """Run one seed; return None if both sides agree, else the first Divergence.
 
     `ignore` names describe() keys (e.g. "nlink") left out of every comparison.
     A FUSE server that logs a traceback is a divergence too. `make_stack(seed,
     dir)` and `op_source(i, kernel_mnt)` replace the random stack and ops.
     """
-    ref, tgt = build_stacks(seed, workdir, target, make_stack)
+    ref, tgt = build_stacks(seed, workdir, target, make_stack, split_fs)
     op_source = op_source or random_ops(seed)
     history = []
     server_log = mounts.ServerLog()
     end = {}
     div = _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server_log, end,
-                       op_source)
+                       op_source, split_fs is not None)
     errors = server_log.errors()
     if div is None and errors:
         div = Divergence(seed, nops, target, "server log", len(history) - 1, history,
@@ -124,7 +153,7 @@ def run_seed(seed, nops, workdir, target="unionfs", remount_check=True, deadline
         div.details += [f"{target} server log:"] + errors
     if div is None and remount_check and target != "kernel":
         details = kernel_remount_check(ref, tgt, end["view"], end["inos"], Path(workdir),
-                                       target, ignore)
+                                       target, ignore, subset_only=split_fs is not None)
         if details:
             div = Divergence(seed, nops, target, "kernel remount of target upper",
                              len(history) - 1, history, details)
@@ -148,7 +177,7 @@ class _Remountable:
 
 
 def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server_log, end,
-                 op_source):
+                 op_source, split_fs):
 
     def diverged(where, index, details):
         return Divergence(seed, nops, target, where, index, history, details)
@@ -173,7 +202,8 @@ def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server
         if target == "kernel":
             dino = []  # the kernel's merged dirs break d_ino == st_ino; only FUSE targets owe it
         details = (tree.compare_entries(ref0, tgt0, "kernel", target, ignore)
-                   + tree.compare_ino_groups(ref0_inos, tgt0_inos, "kernel", target, ref0) + dino)
+                   + tree.compare_ino_groups(ref0_inos, tgt0_inos, "kernel", target, ref0,
+                                             subset_only=split_fs) + dino)
         if details:
             return diverged("initial view", -1, details)
         eligible = _lower_only(ref0, ref.upper)
@@ -202,9 +232,12 @@ def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server
         if target == "kernel":
             dino = []
         details = (tree.compare_entries(ref1, tgt1, "kernel", target, ignore)
-                   + tree.compare_ino_groups(ref1_inos, tgt1_inos, "kernel", target, ref1)
-                   + tree.compare_stability(ref0_inos, ref1_inos, tgt0_inos, tgt1_inos,
-                                            eligible, "kernel", target, ref0)
+                   + tree.compare_ino_groups(ref1_inos, tgt1_inos, "kernel", target, ref1,
+                                             subset_only=split_fs)
+                   # across layers on several filesystems the kernel's st_ino is no oracle
+                   + ([] if split_fs else tree.compare_stability(
+                       ref0_inos, ref1_inos, tgt0_inos, tgt1_inos, eligible, "kernel", target,
+                       ref0))
                    + dino)
         if details:
             return diverged("end of run", len(history) - 1, details)
@@ -212,7 +245,8 @@ def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server
     return None
 
 
-def kernel_remount_check(ref, tgt, tgt_view, tgt_inos, workdir, target, ignore=()):
+def kernel_remount_check(ref, tgt, tgt_view, tgt_inos, workdir, target, ignore=(),
+                         subset_only=False):
     """The target's upper (unmounted now) under kernel overlayfs must show the same view."""
     details = []
     written = {rel for rel in generator.list_oci_markers(tgt.upper)
@@ -229,7 +263,8 @@ def kernel_remount_check(ref, tgt, tgt_view, tgt_inos, workdir, target, ignore=(
     except mounts.MountError as e:
         return details + [str(e)]
     details += tree.compare_entries(view, tgt_view, "kernel-on-target-upper", target, ignore)
-    details += tree.compare_ino_groups(inos, tgt_inos, "kernel-on-target-upper", target, view)
+    details += tree.compare_ino_groups(inos, tgt_inos, "kernel-on-target-upper", target, view,
+                                       subset_only=subset_only)
     return details
 
 

@@ -70,6 +70,19 @@ def kernel_overlay(lowers, upper, work, mnt):
         unmount(mnt)
 
 
+@contextlib.contextmanager
+def tmpfs(path):
+    """A private tmpfs at `path` (a layer on a filesystem of its own)."""
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "difftest", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise MountError(f"tmpfs mount failed: {r.stderr.strip()}")
+    try:
+        yield
+    finally:
+        unmount(path)
+
+
 def _unionfs_command():
     here = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "unionfs"
     return str(here) if here.exists() else (shutil.which("unionfs") or "unionfs")

@@ -27,9 +27,10 @@ from . import harness, mounts
               help="keep the layers under this directory")
 @click.option("--no-remount-check", is_flag=True, help="skip the kernel remount of the upper")
 @click.option("--ignore", multiple=True, help="leave this entry field out (e.g. nlink, mtime)")
+@click.option("--split-fs", is_flag=True, help="each lower layer on its own tmpfs")
 @click.option("--snapshot", metavar="GITREV", default=None,
               help="serve unionfs from this commit (git archive), not the working tree")
-def main(seeds, nops, target, bisect, keep, no_remount_check, ignore, snapshot):
+def main(seeds, nops, target, bisect, keep, no_remount_check, ignore, split_fs, snapshot):
     """Replay SEEDS (one or more) against kernel overlayfs."""
     if os.geteuid() != 0:
         raise click.UsageError("needs root (mounts overlay and FUSE filesystems)")
@@ -41,7 +42,7 @@ def main(seeds, nops, target, bisect, keep, no_remount_check, ignore, snapshot):
         workdir = os.path.join(base, f"seed{seed}") if keep else base
         os.makedirs(workdir, exist_ok=True)
         try:
-            kw = dict(remount_check=not no_remount_check, ignore=tuple(ignore))
+            kw = dict(remount_check=not no_remount_check, ignore=tuple(ignore), split_fs=split_fs)
             div = (harness.first_divergence(seed, nops, workdir, target, **kw) if bisect
                    else harness.run_seed(seed, nops, workdir, target, **kw))
         finally:

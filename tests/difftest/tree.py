@@ -91,7 +91,8 @@ def describe(path, st=None, with_content=True):
 def snapshot(mnt):
     """Walk a mounted union; return (entries, inos, problems).
 
-    entries: relpath -> describe(); inos: relpath -> st_ino;
+    entries: relpath -> describe(); inos: relpath -> (st_dev, st_ino) (the kernel
+    shows lower objects with their layer's st_dev when layers span filesystems);
     problems: d_ino != st_ino findings (readdir must agree with stat).
     """
     entries, inos, problems = {}, {}, []
@@ -106,13 +107,13 @@ def snapshot(mnt):
             if e.inode() != st.st_ino:
                 problems.append(f"{crel}: readdir d_ino {e.inode()} != st_ino {st.st_ino}")
             entries[crel] = describe(e.path, st)
-            inos[crel] = st.st_ino
+            inos[crel] = (st.st_dev, st.st_ino)
             if stat.S_ISDIR(st.st_mode):
                 walk(crel)
 
     root_st = os.lstat(mnt)
     entries[""] = describe(str(mnt), root_st)
-    inos[""] = root_st.st_ino
+    inos[""] = (root_st.st_dev, root_st.st_ino)
     walk("")
     return entries, inos, problems
 
@@ -156,20 +157,24 @@ def _lower_hard_link(entry):
 
 
 def compare_ino_groups(ref_inos, other_inos, label_ref="kernel", label_other="target",
-                       ref_entries=None):
+                       ref_entries=None, subset_only=False):
     """Which names share an inode must agree (hard links), for names both sides have.
 
     Documented difference (docs/format.md, "Lower hard links"): unionfs gives
     each name of a multiply-linked LOWER file its own st_ino, where the kernel
     shows one. So a target group may be a subset of the kernel's when every
     name the target leaves out is a regular file with nlink > 1 on the kernel side.
+
+    `subset_only`: the kernel's groups are not trustworthy (layers on several
+    filesystems without xino: its dirs' st_ino collide across layers); then
+    the target may only never join names the kernel keeps apart.
     """
     common = set(ref_inos) & set(other_inos)
     ga, gb = ino_groups({r: i for r, i in ref_inos.items() if r in common}), \
         ino_groups({r: i for r, i in other_inos.items() if r in common})
     out = []
     for rel in sorted(common):
-        if ga[rel] == gb[rel]:
+        if ga[rel] == gb[rel] or (subset_only and set(gb[rel]) <= set(ga[rel])):
             continue
         if ref_entries is not None and set(gb[rel]) <= set(ga[rel]) and all(
                 _lower_hard_link(ref_entries.get(r)) for r in ga[rel]):
