@@ -6,6 +6,7 @@ One chart per configuration and workload group, ratios to the kernel as bars.
 """
 import collections
 import json
+import math
 import os
 import statistics
 
@@ -84,6 +85,32 @@ def _md_table(header, rows):
     return "\n".join(out)
 
 
+def _overview(table):
+    """Per configuration and group: the geometric mean of each target's ratios to the kernel."""
+    rows = []
+    for config in table.configs:
+        keys = [k for k in table.order if k[0] == config and k[3] not in NOT_RATIOED
+                and k[2] != "correctness"]
+        groups = []
+        for k in keys:
+            if k[1] not in groups:
+                groups.append(k[1])
+        for group in groups:
+            row = [config, group]
+            for impl in table.impls:
+                ratios = [table.ratio(k, impl, "overlay") for k in keys if k[1] == group]
+                ratios = [r for r in ratios if r]
+                row.append(f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}"
+                           if ratios else "-")
+            rows.append(row)
+    if not rows:
+        return []
+    return ["## Overview", "",
+            "Geometric mean over each group's metrics of the ratio to kernel overlayfs "
+            "(below 1 = faster than the kernel):", "",
+            _md_table(["config", "group"] + table.impls, rows), ""]
+
+
 def write_summary(records, out_dir, run_info):
     table = Table(records)
     impls = table.impls
@@ -123,6 +150,7 @@ def write_summary(records, out_dir, run_info):
                 lines.append(f"- {r['config']} {r['impl']} {r['workload']} "
                              f"({count}x): {r.get('reason')}")
         lines.append("")
+    lines += _overview(table)
     for config in table.configs:
         keys = [k for k in table.order if k[0] == config and k[2] != "correctness"]
         if not keys:
