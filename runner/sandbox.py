@@ -107,6 +107,9 @@ def _keeper(plan, root, parent, terminal):
         flags |= libc.CLONE_NEWNET
     if plan.rootless:
         flags |= libc.CLONE_NEWUSER
+        # A process that dropped root without exec'ing is not dumpable, and
+        # then may not write its own /proc/self/uid_map.
+        libc.prctl(libc.PR_SET_DUMPABLE, 1)
     libc.unshare(flags)
     if plan.rootless:
         _write_file("/proc/self/setgroups", "deny")

@@ -368,23 +368,42 @@ def test_plan_rejects_conflicting_layers(tmp_path):
 
 def test_rootless_run_uses_a_user_namespace(lower, tmp_path_factory):
     # An unprivileged user (nobody) runs a world-readable copy of the rootfs with
-    # --rootfs; the union itself would need /dev/fuse, which is 0600 here.
-    if subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0:
-        pytest.skip("setpriv (util-linux) is not installed")
-    base = tmp_path_factory.mktemp("rootless")
+    # --rootfs; the union itself would need /dev/fuse, which is 0600 here. The
+    # runner is called in a forked child that dropped to nobody, so the test
+    # does not depend on nobody being able to start this interpreter.
+    from runner.run import execute  # imported here: nobody may not read the stdlib
     public = tempfile.mkdtemp(prefix="unionfs-rootless-test-", dir="/tmp")
     try:
         os.chmod(public, 0o755)
         root = build_rootfs(os.path.join(public, "root"))
-        result = subprocess.run(
-            ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-             UNIONFS, "run", "--rootfs", root, "--hostname", "rootless", "--", "sh", "-c",
-             "id -u; echo $$; hostname; cat /proc/self/uid_map; "
-             "grep -c -E ' /(proc|sys|dev|tmp) ' /proc/mounts"],
-            capture_output=True, text=True, timeout=60, cwd=str(base),
-            env=dict(os.environ, TMPDIR=public))
-        assert result.returncode == 0, result.stderr
-        lines = result.stdout.split()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            status = 99
+            try:
+                os.close(read_end)
+                os.dup2(write_end, 1)
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                os.chdir(public)
+                os.environ["TMPDIR"] = public
+                plan = build_plan(["sh", "-c", "id -u; echo $$; hostname; "
+                                   "cat /proc/self/uid_map; "
+                                   "grep -c -E ' /(proc|sys|dev|tmp) ' /proc/mounts"],
+                                  rootfs=root, hostname="rootless")
+                assert plan.rootless
+                status = execute(plan)
+            except BaseException as e:  # the child must never return into pytest
+                os.write(1, f"child failed: {e!r}".encode())
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end) as f:
+            output = f.read()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, output
+        lines = output.split()
         assert lines[:3] == ["0", "2", "rootless"]
         assert lines[3:6] == ["0", "65534", "1"]
         assert lines[6] == "4"
