@@ -1,4 +1,5 @@
 """`unionfs bench`: build (or reuse) the stack, run the suite, write the report."""
+import dataclasses
 import datetime
 import json
 import os
@@ -35,10 +36,20 @@ def _split(values):
               help="Repetitions of the 1 GiB workloads (default 5; --quick 1).")
 @click.option("--timeout", default=None, type=click.IntRange(1),
               help="Seconds before one workload run counts as hung (default 600; --quick 60).")
-def bench(quick, out_dir, target_names, workload_names, config_names, reps, heavy_reps, timeout):
+@click.option("--list", "list_only", is_flag=True,
+              help="List the targets (and why one cannot run) and the workloads, then exit.")
+def bench(quick, out_dir, target_names, workload_names, config_names, reps, heavy_reps, timeout,
+          list_only):
     """Time unionfs against native, kernel overlayfs, fuse-overlayfs and unionfs-fuse."""
     params = stackmod.QUICK if quick else stackmod.FULL
     targets = all_targets()
+    if list_only:
+        for t in targets:
+            reason = t.unavailable()
+            click.echo(f"target   {t.name:20} {'unavailable: ' + reason if reason else ''}")
+        for w in build_workloads({"params": dataclasses.asdict(params)}):
+            click.echo(f"workload {w.name:28} group {w.group}")
+        return
     known = [t.name for t in targets]
     wanted = _split(target_names)
     for name in wanted:

@@ -94,3 +94,11 @@ def test_unknown_target_is_a_usage_error():
     assert proc.returncode == 2
     assert "unknown target" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_list_names_every_target_and_workload():
+    proc = bench("--quick", "--list", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("native", "overlay", "fuse-overlayfs", "unionfs-fuse", "unionfs",
+                 "unionfs-volatile", "append-16M", "seqwrite-16M-fsync", "latency"):
+        assert name in proc.stdout
