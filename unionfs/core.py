@@ -16,10 +16,17 @@ from dataclasses import dataclass
 
 from . import copyup, sysc, whiteout
 from .inodes import ROOT_INO, Node, NodeTable, unpack_key
-from .layers import ABSENT_ERRNOS, Layer, list_names, lower_positive, lstat_at, probe
+from .layers import (ABSENT_ERRNOS, Layer, layer_names, list_names, lower_positive, lstat_at,
+                     probe)
 
 UPPER = 0
 DIRFD_CACHE_SIZE = 4096
+# After this many lookups in one directory, its lower layers' listings are
+# read once and kept: each further name costs a set lookup instead of an
+# lstat per layer (lower layers do not change while mounted). Bounded by the
+# total number of names kept.
+LISTING_AFTER_PROBES = 8
+LISTING_CACHE_NAMES = 500_000
 # flags the kernel already acted on (or that make no sense on our side)
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 
@@ -85,6 +92,8 @@ class Union:
         devs = {layer.dev for layer in self.layers if layer is not None}
         self.nodes = NodeTable(devs.pop() if len(devs) == 1 else None)
         self._dirfds: OrderedDict = OrderedDict()
+        self._listings: OrderedDict = OrderedDict()
+        self._listed_names = 0
         self.handles: dict[int, Handle | DirHandle] = {}
         self._next_fh = 1
         top = self.layers[UPPER] if self.writable else self.layers[1]
@@ -159,6 +168,40 @@ class Union:
     def _drop_dirfds(self, node: Node) -> None:
         for li in range(len(self.layers)):
             self._drop_dirfd(node, li)
+            names = self._listings.pop((node, li), None)
+            if names is not None:
+                self._listed_names -= len(names)
+
+    # ---- lower directory listings ---------------------------------------------
+
+    def _keep_listing(self, node: Node, li: int, names: frozenset) -> None:
+        if li == UPPER:
+            return      # the upper changes under us: always ask the disk
+        old = self._listings.pop((node, li), None)
+        if old is not None:
+            self._listed_names -= len(old)
+        self._listings[(node, li)] = names
+        self._listed_names += len(names)
+        while self._listed_names > LISTING_CACHE_NAMES and len(self._listings) > 1:
+            _, dropped = self._listings.popitem(last=False)
+            self._listed_names -= len(dropped)
+
+    def _names(self, node: Node, li: int):
+        """The names in node's directory in lower layer li, once node is busy."""
+        if li == UPPER:
+            return None
+        names = self._listings.get((node, li))
+        if names is not None:
+            self._listings.move_to_end((node, li))
+            return names
+        if node.probes < LISTING_AFTER_PROBES:
+            return None
+        dfd = self.dirfd(node, li)
+        if dfd is None:
+            return None
+        names = layer_names(dfd)
+        self._keep_listing(node, li, names)
+        return names
 
     def upper_dirfd(self, node: Node) -> int:
         fd = self.dirfd(node, UPPER)
@@ -177,7 +220,9 @@ class Union:
     def _probe(self, parent: Node, name: bytes):
         if whiteout.is_marker_name(name):
             return None
-        return probe(parent.layers, functools.partial(self.dirfd, parent), name)
+        parent.probes += 1
+        return probe(parent.layers, functools.partial(self.dirfd, parent), name,
+                     functools.partial(self._names, parent))
 
     def _key(self, parent: Node, name: bytes, found) -> tuple:
         if found.layer == UPPER:
@@ -894,8 +939,10 @@ class Union:
         h = self.handle(fh)
         node = h.node
         dirfd_of = functools.partial(self.dirfd, node)
+        names_of = functools.partial(self._names, node)
         if h.names is None or start == 0:
-            h.names = [b".", b".."] + list_names(dirfd_of, node.layers)
+            h.names = [b".", b".."] + list_names(dirfd_of, node.layers,
+                                                 functools.partial(self._keep_listing, node))
         layers = node.layers
         for i in range(start, len(h.names)):
             name = h.names[i]
@@ -903,7 +950,7 @@ class Union:
                 dot = node if i == 0 else (node.parent or node)
                 yield i + 1, name, dot, self.stat(dot)
                 continue
-            found = probe(layers, dirfd_of, name)
+            found = probe(layers, dirfd_of, name, names_of)
             if found is None:
                 continue
             child = self._node_for(node, name, found)
@@ -918,7 +965,7 @@ class Union:
         """Sizes of the server's tables: all bounded (by the kernel's references,
         the open files and the fd cache), whatever the size of the tree."""
         return {"pid": os.getpid(), "nodes": len(self.nodes), "handles": len(self.handles),
-                "dirfds": len(self._dirfds)}
+                "dirfds": len(self._dirfds), "listed_names": self._listed_names}
 
     def statfs(self):
         top = self.layers[UPPER] if self.writable else self.layers[1]

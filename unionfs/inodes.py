@@ -34,7 +34,8 @@ def unpack_key(raw: bytes):
 
 class Node:
     __slots__ = ("ino", "key", "parent", "name", "kind", "layer", "layers", "lookups",
-                 "unlinked", "handles", "orphan_st", "aliases", "data_layer", "__weakref__")
+                 "unlinked", "handles", "orphan_st", "aliases", "data_layer", "probes",
+                 "__weakref__")
 
     def __init__(self, ino, key, parent, name, kind, layer, layers):
         self.ino = ino
@@ -50,6 +51,7 @@ class Node:
         self.orphan_st = None        # last stat of a removed special file
         self.aliases = None          # other (parent, name)s of a hard-linked file
         self.data_layer = None       # metacopy: the lower layer still holding the data
+        self.probes = 0              # names probed in this directory (see core._names)
 
     def path(self) -> bytes:
         parts = []

@@ -57,15 +57,16 @@ class Found:
     layers: tuple = ()                # for directories: layers that merge, top first
 
 
-def probe(parent_layers, dirfd_of, name: bytes) -> Found | None:
+def probe(parent_layers, dirfd_of, name: bytes, names_of=None) -> Found | None:
     """Resolve NAME in a merged directory.
 
     parent_layers: indices of the layers in which the parent is a directory,
     top first (already cut at an opaque layer). dirfd_of(layer) gives the
-    parent's fd in that layer. Applies the whiteout rules of both formats;
-    returns None when the name is absent or whited out. Markers that could
-    only hide layers below matter only when there are such layers, so the
-    common single-layer case costs one lstat.
+    parent's fd in that layer; names_of(layer), if given, the set of every
+    name in it (or None): a name not in it needs no lstat. Applies the
+    whiteout rules of both formats; returns None when the name is absent or
+    whited out. Markers that could only hide layers below matter only when
+    there are such layers, so the common single-layer case costs one lstat.
     """
     found = None
     merged = []
@@ -75,7 +76,8 @@ def probe(parent_layers, dirfd_of, name: bytes) -> Found | None:
         if dfd is None:
             continue
         more_below = pos < last
-        st = lstat_at(dfd, name)
+        names = names_of(li) if names_of is not None else None
+        st = lstat_at(dfd, name) if names is None or name in names else None
         if st is not None:
             if whiteout.is_whiteout(dfd, name, st):
                 break
@@ -87,7 +89,8 @@ def probe(parent_layers, dirfd_of, name: bytes) -> Found | None:
             if more_below and _child_is_opaque(dfd, name):
                 break
         # an OCI whiteout hides NAME in the layers below this one
-        if more_below and whiteout.has_oci_whiteout(dfd, name):
+        if more_below and (whiteout.WH_PREFIX + name in names if names is not None
+                           else whiteout.has_oci_whiteout(dfd, name)):
             break
     if found is not None and merged:
         found.layers = tuple(merged)
@@ -117,11 +120,21 @@ def lower_positive(parent_layers, dirfd_of, name: bytes, below: int) -> bool:
     return False
 
 
-def list_names(dirfd_of, parent_layers):
+def layer_names(dirfd: int) -> frozenset:
+    """Every name in one layer's directory, markers included."""
+    rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        return frozenset(map(os.fsencode, os.listdir(rfd)))
+    finally:
+        os.close(rfd)
+
+
+def list_names(dirfd_of, parent_layers, names_sink=None):
     """Merged names of a directory, in first-seen order, markers hidden.
 
     Whiteouts found while listing prune lower layers; the caller still
     confirms each name with probe() (xattr whiteouts need more than d_type).
+    names_sink(layer, frozenset) receives each layer's full listing.
     """
     seen = {}
     hidden = set()
@@ -131,10 +144,12 @@ def list_names(dirfd_of, parent_layers):
             continue
         rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
         layer_hidden = []
+        everything = []
         try:
             with os.scandir(rfd) as it:
                 for entry in it:
                     name = os.fsencode(entry.name)
+                    everything.append(name)
                     if name.startswith(whiteout.WH_PREFIX):
                         target = whiteout.whited_out_name(name)
                         if target is not None:
@@ -151,6 +166,8 @@ def list_names(dirfd_of, parent_layers):
         finally:
             os.close(rfd)
         hidden.update(layer_hidden)
+        if names_sink is not None:
+            names_sink(li, frozenset(everything))
     return list(seen)
 
 
