@@ -89,7 +89,8 @@ def umount_cmd(mountpoint):
         sys.exit(1)
 
 
-FUSE_USAGE = """usage: fuse-unionfs [SOURCE] MOUNTPOINT -o lowerdir=A:B[,upperdir=U,workdir=W][,OPTS] [-f] [-d]
+FUSE_USAGE = """\
+usage: fuse-unionfs [SOURCE] MOUNTPOINT -o lowerdir=A:B[,upperdir=U,workdir=W][,OPTS] [-f] [-d]
 
 A drop-in for fuse-overlayfs's command line (mount -t fuse.fuse-unionfs, /etc/fstab,
 podman's mount_program).

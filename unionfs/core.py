@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 from . import copyup, sysc, whiteout
 from .inodes import ROOT_INO, Node, NodeTable, unpack_key
-from .layers import (ABSENT_ERRNOS, Layer, layer_names, list_names, lower_positive, lstat_at,
-                     probe)
+from .layers import ABSENT_ERRNOS, Layer, layer_names, list_names, lower_positive, lstat_at, probe
 
 UPPER = 0
 DIRFD_CACHE_SIZE = 4096

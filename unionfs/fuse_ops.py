@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import stat
+
 import pyfuse3
 import trio
 

@@ -8,7 +8,7 @@ can neither reveal nor change a host file: such a path simply does not exist.
 import errno
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import sysc, whiteout
 
