@@ -205,3 +205,11 @@ def test_sparse_copy_up_keeps_holes(stack):
     with open(stack["upper"] / "sparse", "rb") as f:
         f.seek(32 << 20)
         assert f.read(4) == b"data"
+
+
+def test_a_missing_layer_raises_and_leaks_no_fd(stack):
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileNotFoundError):
+        Union([str(stack["l1"]), str(stack["l2"] / "missing")], str(stack["upper"]),
+              str(stack["work"]))
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -70,6 +70,11 @@ class Union:
             raise ValueError("at least one lower layer is needed")
         self.layers: list[Layer | None] = [None]
         self.work_fd = -1
+        self._dirfds: OrderedDict = OrderedDict()
+        self._listings: OrderedDict = OrderedDict()
+        self._listed_names = 0
+        self.handles: dict[int, Handle | DirHandle] = {}
+        self._next_fh = 1
         try:
             if upper is not None:
                 self.layers[UPPER] = Layer.open(UPPER, upper, writable=True)
@@ -90,11 +95,6 @@ class Union:
         self.attr_changed: list = []
         devs = {layer.dev for layer in self.layers if layer is not None}
         self.nodes = NodeTable(devs.pop() if len(devs) == 1 else None)
-        self._dirfds: OrderedDict = OrderedDict()
-        self._listings: OrderedDict = OrderedDict()
-        self._listed_names = 0
-        self.handles: dict[int, Handle | DirHandle] = {}
-        self._next_fh = 1
         top = self.layers[UPPER] if self.writable else self.layers[1]
         root_st = os.fstat(top.fd)
         root_layers = tuple(i for i, layer in enumerate(self.layers) if layer is not None)
