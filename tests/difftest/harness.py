@@ -38,7 +38,8 @@ class Divergence:
             if ra == rb:
                 lines.append(f"{mark} #{i} {op!r} -> {ra!r}")
             else:
-                lines.append(f"{mark} #{i} {op!r}\n       kernel: {ra!r}\n       {self.target}: {rb!r}")
+                lines.append(f"{mark} #{i} {op!r}\n       kernel: {ra!r}\n"
+                             f"       {self.target}: {rb!r}")
         lines += ["details:"] + [f"  {d}" for d in self.details[:60]]
         if len(self.details) > 60:
             lines.append(f"  ... {len(self.details) - 60} more")

@@ -45,7 +45,7 @@ def public_xattrs(path):
     return out
 
 
-def content_hash(path, limit=None):
+def content_hash(path):
     h = hashlib.blake2b(digest_size=12)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -145,9 +145,10 @@ def compare_entries(ref, other, label_ref="kernel", label_other="target", ignore
             if key in ignore:
                 continue
             if key == "sparse" and b.get(key) and a.get(key) is not None:
-                continue  # holes must survive; the kernel's copy-up may fill small ones, we need not
+                continue  # holes must survive; the kernel's copy-up may fill small ones
             if a.get(key) != b.get(key):
-                out.append(f"/{rel}: {key}: {label_ref}={a.get(key)!r} {label_other}={b.get(key)!r}")
+                out.append(f"/{rel}: {key}: {label_ref}={a.get(key)!r} "
+                           f"{label_other}={b.get(key)!r}")
     return out
 
 
