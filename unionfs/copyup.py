@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from . import sysc, whiteout
 from .inodes import pack_key
 
-ORIGIN_XATTR = {whiteout.FORMAT_KERNEL: "trusted.unionfs.origin",
-                whiteout.FORMAT_OCI: "user.unionfs.origin"}
+# Our bookkeeping xattrs live where the server may write them: trusted.* as
+# root (it also works on symlinks), user.* otherwise; whatever whiteout format.
+XATTR_NS = "trusted" if os.geteuid() == 0 else "user"
+ORIGIN_XATTR = f"{XATTR_NS}.unionfs.origin"
 # the kernel's metacopy marker (read by overlayfs with metacopy=on)
-METACOPY_XATTR = {whiteout.FORMAT_KERNEL: "trusted.overlay.metacopy",
-                  whiteout.FORMAT_OCI: "user.overlay.metacopy"}
+METACOPY_XATTR = f"{XATTR_NS}.overlay.metacopy"
 
 FULL = "full"       # data and metadata of a lower object
 META = "meta"       # metadata only: a sparse file marked metacopy; data stays below
@@ -42,7 +43,6 @@ class CopyJob:
     work_dir: int         # fd of the workdir (same filesystem as upper)
     st: os.stat_result    # lstat of the metadata source
     origin: tuple | None  # identity key to record, or None
-    fmt: str              # whiteout format: decides the xattrs' namespace
     durable: bool         # fsync before rename
     kind: str = FULL
     devs: tuple = ()      # (source layer st_dev, upper st_dev)
@@ -149,13 +149,13 @@ def _finish_meta(job: CopyJob, tmp: bytes, fd: int | None) -> None:
     copy_xattrs(src_path, tmp_path, follow=False)
     if job.origin is not None:
         try:
-            os.setxattr(tmp_path, ORIGIN_XATTR[job.fmt], pack_key(job.origin),
+            os.setxattr(tmp_path, ORIGIN_XATTR, pack_key(job.origin),
                         follow_symlinks=False)
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP):
                 raise
     if job.kind == META:
-        os.setxattr(tmp_path, METACOPY_XATTR[job.fmt], b"", follow_symlinks=False)
+        os.setxattr(tmp_path, METACOPY_XATTR, b"", follow_symlinks=False)
     times = (st.st_atime_ns, st.st_mtime_ns)
     if fd is not None:
         os.utime(fd, ns=times)

@@ -227,7 +227,7 @@ class Union:
         if found.layer == UPPER:
             dfd = self.dirfd(parent, UPPER)
             try:
-                raw = os.getxattr(whiteout.entry_path(dfd, name), copyup.ORIGIN_XATTR[self.fmt],
+                raw = os.getxattr(whiteout.entry_path(dfd, name), copyup.ORIGIN_XATTR,
                                   follow_symlinks=False)
                 key = unpack_key(raw)
                 if key is not None:
@@ -268,7 +268,7 @@ class Union:
             return None     # a metacopy file is a hole (its blocks hold xattrs at most)
         dfd = self.dirfd(parent, UPPER)
         try:
-            os.getxattr(whiteout.entry_path(dfd, name), copyup.METACOPY_XATTR[self.fmt],
+            os.getxattr(whiteout.entry_path(dfd, name), copyup.METACOPY_XATTR,
                         follow_symlinks=False)
         except OSError as e:
             if e.errno in (errno.ENODATA, errno.ENOTSUP):
@@ -374,7 +374,7 @@ class Union:
             raise err(errno.ENOENT, node.path())
         dst_dir = self.upper_dirfd(node.parent)
         return copyup.CopyJob(os.dup(src_dir), node.name, os.dup(dst_dir), os.dup(self.work_fd),
-                              st, node.key, self.fmt, self.durable, kind,
+                              st, node.key, self.durable, kind,
                               (self.layers[src_layer].dev, self.layers[UPPER].dev))
 
     def commit_copyup(self, node: Node, job: copyup.CopyJob) -> None:
