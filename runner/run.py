@@ -15,6 +15,7 @@ import sys
 from . import sandbox
 from .union import UnionError, UnionStack, signals_blocked
 
+
 class Interrupted(Exception):
     def __init__(self, signum):
         super().__init__(signum)

@@ -17,8 +17,14 @@ import time
 import pytest
 
 from runner.plan import PlanError, build_plan, parse_env, parse_user, parse_volume
-from runner_rootfs import (build_rootfs, mounts_matching, processes_mentioning,
-                                 run_unionfs, snapshot, UNIONFS)
+from runner_rootfs import (
+    UNIONFS,
+    build_rootfs,
+    mounts_matching,
+    processes_mentioning,
+    run_unionfs,
+    snapshot,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -134,7 +140,8 @@ def test_container_environment(lower, state_base, tmp_path):
 def test_special_filesystems_inside(lower, state_base):
     result = run(lower, state_base, "--", "sh", "-c",
                  "grep -E ' /(proc|dev|dev/pts|dev/shm|sys|tmp) ' /proc/mounts | cut -d' ' -f2-4;"
-                 "echo x > /dev/null && head -c 4 /dev/zero | wc -c; touch /sys/x 2>/dev/null || echo ro")
+                 "echo x > /dev/null && head -c 4 /dev/zero | wc -c; "
+                 "touch /sys/x 2>/dev/null || echo ro")
     assert result.returncode == 0, result.stderr
     fields = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[:-2]}
     assert fields["/proc"][0] == "proc"
