@@ -59,6 +59,20 @@ def run(lower, state_base, *args, **kwargs):
     return run_unionfs(["--lower", lower, *args], **kwargs)
 
 
+def test_a_program_on_the_union_can_be_executed(lower, tmp_path):
+    # Everything below needs this; when it fails, the filesystem is at fault,
+    # not the runner (e.g. exec's open carries __FMODE_EXEC, 0x20, in its flags).
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run([UNIONFS, "mount", "--lower", lower, str(mnt)], check=True, timeout=60)
+    try:
+        result = subprocess.run(["chroot", str(mnt), "/bin/true"], capture_output=True,
+                                text=True, timeout=60)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert result.returncode == 0, f"exec on a unionfs mount fails: {result.stderr.strip()}"
+
+
 @pytest.mark.parametrize("command, status", [
     (["/bin/true"], 0),
     (["sh", "-c", "exit 7"], 7),
