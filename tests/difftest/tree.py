@@ -186,12 +186,16 @@ def compare_ino_groups(ref_inos, other_inos, label_ref="kernel", label_other="ta
 
 
 def stability_map(before, after, eligible):
-    """relpath (after) -> names (before, among `eligible`) that had its st_ino."""
+    """relpath (after) -> names (before, among `eligible`) that had its st_ino.
+
+    Only st_ino counts here, not st_dev: a remount gives a FUSE mount a new
+    st_dev (the split-fs variant, where st_dev matters, skips this check).
+    """
     by_ino = {}
     for rel in eligible:
         if rel in before:
-            by_ino.setdefault(before[rel], []).append(rel)
-    return {rel: tuple(sorted(by_ino.get(ino, ()))) for rel, ino in after.items()}
+            by_ino.setdefault(before[rel][1], []).append(rel)
+    return {rel: tuple(sorted(by_ino.get(ino, ()))) for rel, (_dev, ino) in after.items()}
 
 
 def compare_stability(ref_before, ref_after, oth_before, oth_after, eligible,
@@ -216,5 +220,7 @@ def compare_stability(ref_before, ref_after, oth_before, oth_after, eligible,
             continue
         if ma[rel] != mb[rel]:
             out.append(f"/{rel}: st_ino equals the st_ino at start of: {label_ref}={list(ma[rel])} "
-                       f"{label_other}={list(mb[rel])}")
+                       f"{label_other}={list(mb[rel])} ({label_other} (dev, ino) at start "
+                       f"{oth_before.get(rel)}, at end {oth_after.get(rel)}; {label_ref} "
+                       f"{ref_before.get(rel)}, {ref_after.get(rel)})")
     return out
