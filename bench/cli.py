@@ -8,7 +8,9 @@ import time
 
 import click
 
-from . import report, stack as stackmod, suite as suitemod
+from . import report
+from . import stack as stackmod
+from . import suite as suitemod
 from .targets import all_targets
 from .workloads import GROUPS, build_workloads
 
@@ -75,7 +77,7 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
     try:
         base = stackmod.build(params, log=log)
     except OSError as e:
-        raise click.ClickException(f"cannot build the stack: {e}")
+        raise click.ClickException(f"cannot build the stack: {e}") from None
     all_workloads = build_workloads(base.meta)
     known_workloads = {w.name for w in all_workloads} | set(GROUPS)
     for name in wanted_workloads:

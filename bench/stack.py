@@ -265,7 +265,7 @@ def _generate_layers(params, root, log):
 
     # 9. a git repository in the bottom layer, edited in the top one
     repo = os.path.join(layer_dir["l4"], "repo")
-    for j, rel in enumerate(sorted(rng.sample(py_files, min(params.git_files, len(py_files))))):
+    for rel in sorted(rng.sample(py_files, min(params.git_files, len(py_files)))):
         _copy(os.path.join(top, rel), os.path.join(repo, "src", rel))
     git_env = dict(os.environ, GIT_AUTHOR_DATE="2023-11-14T00:00:00Z",
                    GIT_COMMITTER_DATE="2023-11-14T00:00:00Z", GIT_CONFIG_NOSYSTEM="1",
@@ -283,13 +283,13 @@ def _generate_layers(params, root, log):
     git("config", "core.trustctime", "false")
     # Files older than the index are not "racily clean": git status then only
     # stats them and has no reason to rewrite the index.
-    for dirpath, dirnames, filenames in os.walk(repo):
+    for dirpath, _dirnames, filenames in os.walk(repo):
         for name in filenames:
             os.utime(os.path.join(dirpath, name), (1_700_000_000, 1_700_000_000))
     git("add", "-A")
     git("commit", "-q", "-m", "bench: initial import")
     repo_files = []
-    for dirpath, dirnames, filenames in os.walk(repo):
+    for dirpath, _dirnames, filenames in os.walk(repo):
         for name in filenames:
             repo_files.append(os.path.relpath(os.path.join(dirpath, name), layer_dir["l4"]))
     for rel in repo_files:
@@ -313,7 +313,7 @@ def _generate_layers(params, root, log):
     _whiteout(os.path.join(layer_dir["l2"], "gone"))
 
     for d in layer_dir.values():
-        for dirpath, dirnames, filenames in os.walk(d):
+        for dirpath, _dirnames, _filenames in os.walk(d):
             os.chmod(dirpath, 0o755)
     return owner
 

@@ -18,7 +18,8 @@ import sys
 import time
 import traceback
 
-from . import correctness, stack as stackmod
+from . import correctness
+from . import stack as stackmod
 from .targets import MountError
 from .workloads import Context
 

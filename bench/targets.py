@@ -30,9 +30,9 @@ def _run(argv, timeout=MOUNT_TIMEOUT):
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise MountError(f"{argv[0]} did not return within {timeout} s")
+        raise MountError(f"{argv[0]} did not return within {timeout} s") from None
     except OSError as e:
-        raise MountError(f"{argv[0]}: {e.strerror}")
+        raise MountError(f"{argv[0]}: {e.strerror}") from None
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
         raise MountError(f"{' '.join(argv[:2])}... exited {proc.returncode}: "
@@ -245,8 +245,8 @@ class Unionfs(Target):
 
 
 def all_targets():
-    targets = [Native(), KernelOverlay("overlay"), KernelOverlay("overlay-metacopy", ["metacopy=on"]),
-               FuseOverlayfs(), UnionfsFuse()]
+    targets = [Native(), KernelOverlay("overlay"),
+               KernelOverlay("overlay-metacopy", ["metacopy=on"]), FuseOverlayfs(), UnionfsFuse()]
     targets += [Unionfs(name, opts) for name, opts in UNIONFS_MODES]
     return targets
 
