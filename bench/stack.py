@@ -481,10 +481,10 @@ def build(params, log=print, cache_root=CACHE_ROOT):
     _held_locks.append(_lock(cache_root, params, log))
     root = os.path.join(cache_root, f"{params.name}-{params.digest()}")
     done = os.path.join(root, ".complete")
+    _prune_stale(cache_root, params, root, log)
     if os.path.exists(done):
         with open(os.path.join(root, "meta.json")) as f:
             return Stack(root, json.load(f))
-    _prune_stale(cache_root, params, root, log)
     if os.path.exists(root):
         log(f"stack: removing an unfinished build at {root}")
         shutil.rmtree(root)
