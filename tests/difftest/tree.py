@@ -224,3 +224,25 @@ def compare_stability(ref_before, ref_after, oth_before, oth_after, eligible,
                        f"{oth_before.get(rel)}, at end {oth_after.get(rel)}; {label_ref} "
                        f"{ref_before.get(rel)}, {ref_after.get(rel)})")
     return out
+
+
+def upper_non_dirs(upper):
+    """relpath -> type of every non-directory in an upper layer, markers left out."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for n in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            if n.startswith(".wh."):
+                continue
+            st = os.lstat(os.path.join(dirpath, n))
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                continue  # a kernel-form whiteout
+            found[os.path.relpath(os.path.join(dirpath, n), upper)] = ftype(st.st_mode)
+    return found
+
+
+def compare_copied_up(ref_upper, other_upper, label_ref="kernel", label_other="target"):
+    """A non-dir in the target's upper that the kernel never put in its own: a copy-up
+    the kernel did not do (reading, or a failed op, must copy nothing up)."""
+    ref, other = upper_non_dirs(ref_upper), upper_non_dirs(other_upper)
+    return [f"/{rel}: {label_other} has it in upper ({other[rel]}), {label_ref} does not "
+            f"(copied up without need?)" for rel in sorted(set(other) - set(ref))]
