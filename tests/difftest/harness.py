@@ -144,15 +144,19 @@ def _run_seed(seed, nops, workdir, target, remount_check, deadline, ignore, make
     history = []
     server_log = mounts.ServerLog()
     end = {}
-    div = _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server_log, end,
-                       op_source, split_fs is not None)
+    try:
+        div = _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server_log,
+                           end, op_source, split_fs is not None)
+    except (OSError, mounts.MountError) as e:  # e.g. a FUSE mount that failed or died
+        div = Divergence(seed, nops, target, "exception", len(history) - 1, history,
+                         [f"{type(e).__name__}: {e}"])
     errors = server_log.errors()
     if div is None and errors:
         div = Divergence(seed, nops, target, "server log", len(history) - 1, history,
                          [f"{target} server logged errors:"] + errors)
     elif div is not None and errors:
         div.details += [f"{target} server log:"] + errors
-    if div is None and remount_check and target != "kernel":
+    if div is None and remount_check and target != "kernel" and "view" in end:
         details = kernel_remount_check(ref, tgt, end["view"], end["inos"], Path(workdir),
                                        target, ignore, subset_only=split_fs is not None)
         if details:

@@ -5,6 +5,7 @@ type, mode, owner, size, nlink, content hash, symlink target, xattrs (minus
 the filesystems' private ones), the mtime's class and st_ino. Comparison never
 looks at raw st_ino values across two mounts, only at which names share one.
 """
+import errno
 import hashlib
 import os
 import stat
@@ -99,11 +100,19 @@ def snapshot(mnt):
 
     def walk(rel):
         full = os.path.join(mnt, rel) if rel else str(mnt)
-        with os.scandir(full) as it:
-            children = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(full) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except OSError as e:  # a failing readdir is a finding, not a crash
+            entries.setdefault(rel, {})["readdir"] = errno.errorcode.get(e.errno, e.errno)
+            return
         for e in children:
             crel = f"{rel}/{e.name}" if rel else e.name
-            st = os.lstat(e.path)
+            try:
+                st = os.lstat(e.path)
+            except OSError as err:
+                entries[crel] = {"lstat": errno.errorcode.get(err.errno, err.errno)}
+                continue
             if e.inode() != st.st_ino:
                 problems.append(f"{crel}: readdir d_ino {e.inode()} != st_ino {st.st_ino}")
             entries[crel] = describe(e.path, st)
