@@ -244,6 +244,7 @@ def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server
                        ref0_inos, ref1_inos, tgt0_inos, tgt1_inos, eligible, "kernel", target,
                        ref0))
                    + tree.compare_copied_up(ref.upper, tgt.upper, "kernel", target)
+                   + tree.compare_holes(ref.upper, tgt.upper, "kernel", target)
                    + dino)
         if details:
             return diverged("end of run", len(history) - 1, details)

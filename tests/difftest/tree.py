@@ -83,7 +83,6 @@ def describe(path, st=None, with_content=True):
             d["hash"] = content_hash(path)
         except OSError as e:
             d["hash"] = f"err:{e.errno}"
-        d["sparse"] = st.st_blocks * 512 < st.st_size
     elif kind in ("chr", "blk"):
         d["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
     return d
@@ -153,8 +152,6 @@ def compare_entries(ref, other, label_ref="kernel", label_other="target", ignore
         for key in sorted(set(a) | set(b)):
             if key in ignore:
                 continue
-            if key == "sparse" and b.get(key) and a.get(key) is not None:
-                continue  # holes must survive; the kernel's copy-up may fill small ones
             if a.get(key) != b.get(key):
                 out.append(f"/{rel}: {key}: {label_ref}={a.get(key)!r} "
                            f"{label_other}={b.get(key)!r}")
@@ -255,3 +252,44 @@ def compare_copied_up(ref_upper, other_upper, label_ref="kernel", label_other="t
     ref, other = upper_non_dirs(ref_upper), upper_non_dirs(other_upper)
     return [f"/{rel}: {label_other} has it in upper ({other[rel]}), {label_ref} does not "
             f"(copied up without need?)" for rel in sorted(set(other) - set(ref))]
+
+
+def hole_bytes(path):
+    """Bytes of a file that are holes (SEEK_DATA/SEEK_HOLE); st_blocks would also
+    count xattr blocks, so it cannot tell."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        data, pos = 0, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            data += end - start
+            pos = end
+        return size - data
+    finally:
+        os.close(fd)
+
+
+def compare_holes(ref_upper, other_upper, label_ref="kernel", label_other="target"):
+    """Holes must survive copy-up and writes: a file in both uppers, of one size, may not
+    have fewer hole bytes in the target's (the kernel's copy-up may fill small holes)."""
+    out = []
+    for dirpath, _dirnames, filenames in os.walk(other_upper):
+        for n in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, n), other_upper)
+            a, b = os.path.join(ref_upper, rel), os.path.join(other_upper, rel)
+            try:
+                sa, sb = os.lstat(a), os.lstat(b)
+            except OSError:
+                continue
+            if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or \
+                    sa.st_size != sb.st_size:
+                continue
+            ha, hb = hole_bytes(a), hole_bytes(b)
+            if hb < ha:
+                out.append(f"/{rel}: hole bytes in upper: {label_ref}={ha} {label_other}={hb}")
+    return out
