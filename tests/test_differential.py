@@ -15,10 +15,11 @@ UNIONFS_DIFF_TARGET=fuse-overlayfs|kernel points the same test at a peer.
 """
 import os
 import shutil
+import stat
 
 import pytest
 
-from difftest import harness, mounts
+from difftest import generator, harness, mounts
 
 TARGET = os.environ.get("UNIONFS_DIFF_TARGET", "unionfs")
 FAST_SEEDS = int(os.environ.get("UNIONFS_DIFF_SEEDS", "40"))
@@ -69,6 +70,54 @@ def _run(seed, nops, tmp_path, target=TARGET, **kw):
                                    deadline=max(120.0, nops * 0.5), **kw)
     if div is not None:
         pytest.fail(div.report(), pytrace=False)
+
+
+def test_oci_to_kernel_converter(tmp_path):
+    """The converter the kernel side depends on: every OCI marker form and its kernel twin."""
+    if os.geteuid() != 0:
+        pytest.skip("writing trusted.* xattrs and char devices needs root")
+    layer = tmp_path / "layer"
+    (layer / "dirb").mkdir(parents=True)
+    (layer / "d").mkdir()
+    for marker in (".wh.a", ".wh.dirb", ".wh.c", "d/.wh..wh..opq"):
+        (layer / marker).touch()
+    (layer / "c").write_bytes(b"kept")
+    os.utime(layer / "d", ns=(10**18, 10**18))
+    converted = generator.convert_oci_to_kernel(layer)
+    assert sorted(converted) == [".wh.a", ".wh.c", ".wh.dirb", "d/.wh..wh..opq"]
+    assert sorted(os.listdir(layer)) == ["a", "c", "d", "dirb"]
+    st = os.lstat(layer / "a")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0  # a whiteout for a
+    assert os.getxattr(layer / "dirb", "trusted.overlay.opaque") == b"y"  # dir b stays, opaque
+    assert (layer / "c").read_bytes() == b"kept"  # the same layer's c stays, marker dropped
+    assert os.getxattr(layer / "d", "trusted.overlay.opaque") == b"y"
+    assert os.listdir(layer / "d") == []
+    assert os.lstat(layer / "d").st_mtime_ns == 10**18  # dir times kept
+
+
+def test_generator_is_deterministic(tmp_path):
+    """The two sides get identical copies: same seed, same bytes, modes, owners, times."""
+    if os.geteuid() != 0:
+        pytest.skip("the generator chowns and writes trusted.* xattrs: needs root")
+
+    def fingerprint(root):
+        out = {}
+        for dirpath, dirnames, filenames in os.walk(root):
+            for n in dirnames + filenames:
+                p = os.path.join(dirpath, n)
+                st = os.lstat(p)
+                data = open(p, "rb").read() if stat.S_ISREG(st.st_mode) else None
+                xattrs = {x: os.getxattr(p, x, follow_symlinks=False)
+                          for x in os.listxattr(p, follow_symlinks=False)}
+                out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size,
+                                                 st.st_mtime_ns, st.st_rdev, data, xattrs)
+        return out
+
+    for copy in ("one", "two"):
+        stack = generator.generate_stack(7, tmp_path / copy)
+        os.rmdir(stack.mnt)
+        os.rmdir(stack.work)
+    assert fingerprint(tmp_path / "one") == fingerprint(tmp_path / "two")
 
 
 @pytest.mark.timeout(300)

@@ -156,6 +156,7 @@ def _populate(rng, layer_dir, layer_name, n_entries, oci_markers, below_dirs):
             elif kind == "opaque_oci":
                 (path / OCI_OPAQUE).touch()
                 oci_markers.add(f"{rel}/{OCI_OPAQUE}")
+                created[f"{rel}/{OCI_OPAQUE}"] = "marker"  # so that it gets fixed times too
                 opaque.add(rel)
         elif kind == "symlink":
             os.symlink(_rel_target(rng, rel), path)
