@@ -131,7 +131,8 @@ def _populate(rng, layer_dir, layer_name, n_entries, oci_markers, below_dirs):
         return True
 
     kinds = ["file"] * 28 + ["sparse"] * 4 + ["dir"] * 14 + ["symlink"] * 14 + \
-        ["hardlink"] * 6 + ["fifo"] * 3 + ["wh_kernel"] * 8 + ["wh_oci"] * 8 + \
+        ["hardlink"] * 6 + ["fifo"] * 3 + ["chardev"] * 1 + ["socket"] * 1 + \
+        ["wh_kernel"] * 8 + ["wh_oci"] * 8 + \
         ["opaque_kernel"] * 4 + ["opaque_oci"] * 4 + ["wh_oci_shadowed"] * 3
     for _ in range(n_entries):
         rel = rng.choice(UNIVERSE)
@@ -169,6 +170,12 @@ def _populate(rng, layer_dir, layer_name, n_entries, oci_markers, below_dirs):
         elif kind == "fifo":
             os.mkfifo(path, 0o644)
             created[rel] = "fifo"
+        elif kind == "chardev":  # /dev/null's numbers: harmless to open, read and write
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+            created[rel] = "chardev"
+        elif kind == "socket":
+            os.mknod(path, stat.S_IFSOCK | 0o755)
+            created[rel] = "socket"
         elif kind == "wh_kernel":
             os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
             created[rel] = "whiteout"
@@ -205,7 +212,7 @@ def _populate(rng, layer_dir, layer_name, n_entries, oci_markers, below_dirs):
             os.chmod(path, rng.choice(FILE_MODES))
         elif kind == "dir":
             os.chmod(path, rng.choice(DIR_MODES))
-        elif kind == "fifo":
+        elif kind in ("fifo", "chardev", "socket"):
             os.chmod(path, rng.choice(FIFO_MODES))
         _set_xattrs(rng, path, kind)
     # times last, deepest first, so creating children does not disturb them

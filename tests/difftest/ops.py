@@ -242,6 +242,13 @@ def _x_mkfifo(p, mode):
     os.mkfifo(p, mode)
 
 
+def _x_mknod(p, kind, mode):
+    if kind == "chr":  # /dev/null's numbers only
+        os.mknod(p, stat.S_IFCHR | mode, os.makedev(1, 3))
+    else:
+        os.mknod(p, stat.S_IFSOCK | mode)
+
+
 def _x_stat(p, follow):
     return _stat_summary(os.stat(p, follow_symlinks=follow))
 
@@ -360,6 +367,7 @@ EXECUTORS = {
     "readlink": (_x_readlink, (0,)),
     "link": (_x_link, (0, 1)),
     "mkfifo": (_x_mkfifo, (0,)),
+    "mknod": (_x_mknod, (0,)),
     "stat": (_x_stat, (0,)),
     "listdir": (_x_listdir, (0,)),
     "remount": (None, ()),  # carried out by the harness on both sides
@@ -478,9 +486,9 @@ def choose_op(rng, names, counter):
          "unlink_open", "chmod", "chown", "utime", "setxattr", "getxattr", "listxattr",
          "removexattr", "mkdir", "rmdir", "unlink", "rename", "renameat2", "symlink",
          "readlink", "link", "mkfifo", "stat", "listdir", "rename_cycle", "empty_rmdir",
-         "user_op", "remount"],
+         "user_op", "remount", "mknod"],
         weights=[16, 5, 4, 3, 5, 2, 2, 1, 3, 3, 4, 4, 2, 2, 4, 4, 5, 5, 6, 5, 3, 1, 4, 1, 2, 2,
-                 2, 2, 4, 1])[0]
+                 2, 2, 4, 1, 1])[0]
     if kind == "open":
         flags = rng.choice(ACCESS_MODES)[1]
         for _, v in EXTRA_FLAGS:
@@ -557,6 +565,8 @@ def choose_op(rng, names, counter):
         return ("listdir", any_path("dir"))
     if kind == "remount":
         return ("remount",)
+    if kind == "mknod":
+        return ("mknod", new_path(), rng.choice(["chr", "sock"]), rng.choice([0o644, 0o666]))
     if kind == "rename_cycle":
         return ("rename_cycle", any_path(), any_path(), new_path())
     if kind == "empty_rmdir":
