@@ -11,6 +11,7 @@
 #   -x            leave out --xdev (run the directory-rename tests instead of rename-exdev)
 #   -l LOGDIR     keep one log per test here (default: a fresh temp dir, printed)
 #   -T SECONDS    per-test time limit (default 300)
+#   -o OPTS       extra mount options (UNIONMOUNT_MNTOPTIONS), e.g. metacopy=on
 # Exit status: 0 if every test passed, 1 otherwise, 2 on usage errors.
 #
 # Layers live on two private tmpfs mounts (lower, and base for uppers and the
@@ -23,14 +24,16 @@ modes=ov,ov3
 xdev=1
 logdir=
 limit=300
-usage() { sed -n '7,14p' "$0" >&2; exit 2; }
-while getopts "t:m:xl:T:h" opt; do
+mntopts=
+usage() { sed -n '7,15p' "$0" >&2; exit 2; }
+while getopts "t:m:xl:T:o:h" opt; do
   case $opt in
     t) targets=$OPTARG ;;
     m) modes=$OPTARG ;;
     x) xdev=0 ;;
     l) logdir=$OPTARG ;;
     T) limit=$OPTARG ;;
+    o) mntopts=$OPTARG ;;
     *) usage ;;
   esac
 done
@@ -115,7 +118,8 @@ for target in ${targets//,/ }; do
       fresh_layers
       log=$logdir/$target-$mode-$test.log
       start=$(date +%s%N)
-      (cd "$suite" && UNIONMOUNT_BASEDIR=$base UNIONMOUNT_LOWERDIR=$lower UNIONMOUNT_MNTPOINT=$mnt \
+      (cd "$suite" && env UNIONMOUNT_BASEDIR="$base" UNIONMOUNT_LOWERDIR="$lower" \
+        UNIONMOUNT_MNTPOINT="$mnt" ${mntopts:+"UNIONMOUNT_MNTOPTIONS=$mntopts"} \
         timeout -k 10 "$limit" python3 ./run "${args[@]}" "$test") >"$log" 2>&1
       rc=$?
       tenths=$(( ($(date +%s%N) - start) / 100000000 ))
