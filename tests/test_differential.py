@@ -7,8 +7,8 @@ to the divergence with both results, and the command that replays it.
 
 Fast tier (default, CI): UNIONFS_DIFF_SEEDS seeds (40) x UNIONFS_DIFF_OPS ops (60),
 plus UNIONFS_DIFF_OCI_SEEDS (10) with unionfs writing OCI-form markers, plus
-UNIONFS_DIFF_SPLIT_SEEDS (8) with every lower layer on its own tmpfs, plus the
-open-flag matrix.
+UNIONFS_DIFF_SPLIT_SEEDS (8) with every lower layer on its own tmpfs, plus
+UNIONFS_DIFF_META_SEEDS (6) with `-o metacopy=on`, plus the open-flag matrix.
 Slow tier (`pytest -m slow`): UNIONFS_DIFF_SLOW_SEEDS (300) x UNIONFS_DIFF_SLOW_OPS
 (2000); without `-m slow` it runs one seed of 300 ops as a smoke test.
 UNIONFS_DIFF_TARGET=fuse-overlayfs|kernel points the same test at a peer.
@@ -26,6 +26,7 @@ FAST_SEEDS = int(os.environ.get("UNIONFS_DIFF_SEEDS", "40"))
 FAST_OPS = int(os.environ.get("UNIONFS_DIFF_OPS", "60"))
 OCI_SEEDS = int(os.environ.get("UNIONFS_DIFF_OCI_SEEDS", "10"))  # unionfs -o whiteout=oci
 SPLIT_SEEDS = int(os.environ.get("UNIONFS_DIFF_SPLIT_SEEDS", "8"))  # lowers on their own tmpfs
+META_SEEDS = int(os.environ.get("UNIONFS_DIFF_META_SEEDS", "6"))  # unionfs -o metacopy=on
 SLOW_SEEDS = int(os.environ.get("UNIONFS_DIFF_SLOW_SEEDS", "300"))
 SLOW_OPS = int(os.environ.get("UNIONFS_DIFF_SLOW_OPS", "2000"))
 SMOKE_OPS = 300  # the slow test's one seed when `-m slow` is not given
@@ -37,6 +38,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("fast_seed", range(FAST_SEEDS))
     if "split_seed" in metafunc.fixturenames:
         metafunc.parametrize("split_seed", range(2000, 2000 + SPLIT_SEEDS))
+    if "meta_seed" in metafunc.fixturenames:
+        metafunc.parametrize("meta_seed", range(3000, 3000 + META_SEEDS))
     if "oci_seed" in metafunc.fixturenames:
         metafunc.parametrize("oci_seed", range(1000, 1000 + OCI_SEEDS))
     if "slow_seed" in metafunc.fixturenames:
@@ -149,6 +152,15 @@ def test_differential_oci_upper(requirements, oci_seed, tmp_path):
     if TARGET != "unionfs":
         pytest.skip("the OCI-upper variant is unionfs's own")
     _run(oci_seed, FAST_OPS, tmp_path, "unionfs-oci")
+
+
+@pytest.mark.timeout(300)
+def test_differential_metacopy(requirements, meta_seed, tmp_path):
+    """unionfs with metadata-only copy-up (`-o metacopy=on`) must behave as without it;
+    its upper must read back under the kernel with metacopy=on."""
+    if TARGET != "unionfs":
+        pytest.skip("the metacopy variant is unionfs's own")
+    _run(meta_seed, FAST_OPS, tmp_path, "unionfs-metacopy")
 
 
 @pytest.mark.slow

@@ -265,7 +265,8 @@ def kernel_remount_check(ref, tgt, tgt_view, tgt_inos, workdir, target, ignore=(
     work.mkdir()
     mnt.mkdir()
     try:
-        with mounts.kernel_overlay(ref.lowers, tgt.upper, work, mnt):
+        with mounts.kernel_overlay(ref.lowers, tgt.upper, work, mnt,
+                                   metacopy=target == "unionfs-metacopy"):
             view, inos, _ = tree.snapshot(mnt)
     except mounts.MountError as e:
         return details + [str(e)]

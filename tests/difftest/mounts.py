@@ -16,7 +16,8 @@ from pathlib import Path
 
 # unionfs-oci: unionfs told to write OCI-form markers (`-o whiteout=oci`), as it
 # does when it cannot write the kernel form (not root)
-TARGETS = ("unionfs", "unionfs-oci", "fuse-overlayfs", "kernel")
+# unionfs-metacopy: `-o metacopy=on` (metadata-only copy-up, the kernel's format)
+TARGETS = ("unionfs", "unionfs-oci", "unionfs-metacopy", "fuse-overlayfs", "kernel")
 
 
 class MountError(RuntimeError):
@@ -52,14 +53,17 @@ def unmount(mnt, fuse_conn=None):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def kernel_options(lowers, upper, work):
+def kernel_options(lowers, upper, work, metacopy=False):
+    # metacopy=on needs redirect_dir=on in the kernel; only used to read an upper back
+    features = ("redirect_dir=on,index=off,metacopy=on" if metacopy
+                else "redirect_dir=off,index=off,metacopy=off")
     return (f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work},"
-            "redirect_dir=off,index=off,metacopy=off")
+            + features)
 
 
 @contextlib.contextmanager
-def kernel_overlay(lowers, upper, work, mnt):
-    opts = kernel_options(lowers, upper, work)
+def kernel_overlay(lowers, upper, work, mnt, metacopy=False):
+    opts = kernel_options(lowers, upper, work, metacopy)
     r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
                        capture_output=True, text=True)
     if r.returncode != 0:
@@ -89,12 +93,14 @@ def _unionfs_command():
 
 
 def fuse_command(target, lowers, upper, work, mnt):
-    if target in ("unionfs", "unionfs-oci"):
+    if target.startswith("unionfs"):
         cmd = [_unionfs_command(), "mount"]
         for lower in lowers:
             cmd += ["--lower", str(lower)]
         if target == "unionfs-oci":
             cmd += ["-o", "whiteout=oci"]
+        elif target == "unionfs-metacopy":
+            cmd += ["-o", "metacopy=on"]
         return cmd + ["--upper", str(upper), "--work", str(work), str(mnt)]
     if target == "fuse-overlayfs":
         return ["fuse-overlayfs", "-o",
