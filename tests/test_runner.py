@@ -54,6 +54,23 @@ def state_base(tmp_path, lower):
     assert not leftovers, f"state left behind: {leftovers}"
 
 
+@pytest.fixture
+def start_runner(state_base):
+    """Start `unionfs run ARGS` in the background; killed at teardown if still running."""
+    started = []
+
+    def start(args, **kwargs):
+        kwargs.setdefault("env", dict(os.environ, TMPDIR=state_base))
+        process = subprocess.Popen([UNIONFS, "run", *args], **kwargs)
+        started.append(process)
+        return process
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
 def run(lower, state_base, *args, **kwargs):
     kwargs.setdefault("env", dict(os.environ, TMPDIR=state_base))
     return run_unionfs(["--lower", lower, *args], **kwargs)
@@ -167,13 +184,12 @@ def test_special_filesystems_inside(lower, state_base):
     assert result.stdout.splitlines()[-2:] == ["4", "ro"]
 
 
-def test_host_does_not_see_the_containers_mounts(lower, state_base, tmp_path):
+def test_host_does_not_see_the_containers_mounts(lower, state_base, tmp_path, start_runner):
     sync = tmp_path / "sync"
     sync.mkdir()
-    runner = subprocess.Popen(
-        [UNIONFS, "run", "--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
-         "touch /sync/ready; while [ ! -e /sync/go ]; do sleep 0.02; done"],
-        env=dict(os.environ, TMPDIR=state_base))
+    runner = start_runner(
+        ["--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
+         "touch /sync/ready; while [ ! -e /sync/go ]; do sleep 0.02; done"])
     try:
         _wait_for(sync / "ready", runner)
         ours = mounts_matching(state_base)
@@ -229,7 +245,7 @@ def test_throwaway_upper_is_removed_unless_kept(lower, state_base):
         subprocess.run(["rm", "-rf", os.path.dirname(upper)], check=True)
 
 
-def test_two_containers_at_once_on_the_same_lower(lower, state_base, tmp_path):
+def test_two_containers_at_once_on_the_same_lower(lower, state_base, tmp_path, start_runner):
     sync = tmp_path / "sync"
     sync.mkdir()
     runners, uppers = [], []
@@ -242,15 +258,27 @@ def test_two_containers_at_once_on_the_same_lower(lower, state_base, tmp_path):
         script = (f"echo {name} > /etc/greeting; touch /sync/{name}; "
                   "while [ ! -e /sync/one ] || [ ! -e /sync/two ]; do sleep 0.02; done; "
                   "cat /etc/greeting")
-        runners.append(subprocess.Popen(
-            [UNIONFS, "run", "--lower", lower, "--upper", str(upper), "--work", str(work),
+        runners.append(start_runner(
+            ["--lower", lower, "--upper", str(upper), "--work", str(work),
              "-v", f"{sync}:/sync", "--", "sh", "-c", script],
-            env=dict(os.environ, TMPDIR=state_base), stdout=subprocess.PIPE, text=True))
+            stdout=subprocess.PIPE, text=True))
     outputs = [r.communicate(timeout=60)[0] for r in runners]
     assert [r.returncode for r in runners] == [0, 0]
     assert outputs == ["one\n", "two\n"]
     assert [(u / "etc" / "greeting").read_text() for u in uppers] == ["one\n", "two\n"]
     assert open(os.path.join(lower, "etc", "greeting")).read() == "hello from the lower layer\n"
+
+
+def _wait_or_kill(pid, limit=30.0):
+    """The wait status of child `pid`, killing it if it is still there after `limit` s."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
 
 
 def _wait_for(path, process, limit=30.0):
@@ -263,26 +291,25 @@ def _wait_for(path, process, limit=30.0):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_the_runner_stops_the_container_and_cleans_up(lower, state_base, tmp_path,
-                                                                signum):
+                                                                signum, start_runner):
     sync = tmp_path / "sync"
     sync.mkdir()
-    runner = subprocess.Popen(
-        [UNIONFS, "run", "--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
-         "touch /sync/ready; exec sleep 1000"],
-        env=dict(os.environ, TMPDIR=state_base))
+    runner = start_runner(
+        ["--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
+         "touch /sync/ready; exec sleep 1000"])
     _wait_for(sync / "ready", runner)
     runner.send_signal(signum)
     assert runner.wait(timeout=30) == 128 + signum
     assert not processes_mentioning("sleep 1000")
 
 
-def test_a_command_that_ignores_sigterm_is_killed_by_a_second_signal(lower, state_base, tmp_path):
+def test_a_command_that_ignores_sigterm_is_killed_by_a_second_signal(
+        lower, state_base, tmp_path, start_runner):
     sync = tmp_path / "sync"
     sync.mkdir()
-    runner = subprocess.Popen(
-        [UNIONFS, "run", "--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
-         "trap '' TERM; touch /sync/ready; sleep 1000; sleep 1000"],
-        env=dict(os.environ, TMPDIR=state_base))
+    runner = start_runner(
+        ["--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
+         "trap '' TERM; touch /sync/ready; sleep 1000; sleep 1000"])
     _wait_for(sync / "ready", runner)
     runner.send_signal(signal.SIGTERM)
     time.sleep(0.2)  # not an assertion on time: the first signal must be delivered first
@@ -449,11 +476,12 @@ def test_a_failing_mount_is_one_line_and_leaves_nothing(lower, state_base, tmp_p
     assert "fake: cannot mount" in result.stderr
 
 
-def test_sigterm_while_mounting_stops_the_server_and_cleans_up(lower, state_base, tmp_path):
+def test_sigterm_while_mounting_stops_the_server_and_cleans_up(
+        lower, state_base, tmp_path, start_runner):
     ready = tmp_path / "ready"
     program = _fake_mount_program(tmp_path, f"touch {ready}; exec sleep 1001")
-    runner = subprocess.Popen(
-        [UNIONFS, "run", "--lower", lower, "--", "true"],
+    runner = start_runner(
+        ["--lower", lower, "--", "true"],
         env=dict(os.environ, TMPDIR=state_base, UNIONFS_RUN_MOUNT_PROGRAM=program))
     _wait_for(ready, runner)
     runner.send_signal(signal.SIGTERM)
@@ -495,7 +523,7 @@ def test_interactive_ctrl_c_reaches_the_command_not_the_runner(lower, state_base
         os.write(fd, b"echo alive; exit 5\n")
         read_until(b"alive")
     finally:
-        _, status = os.waitpid(pid, 0)
+        status = _wait_or_kill(pid)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 5
     assert not processes_mentioning("sleep 1002")
@@ -518,16 +546,16 @@ def test_plain_run_says_nothing(lower, state_base):
         0, "hello from the lower layer\n", "")
 
 
-def test_sigkill_of_the_runner_still_leaves_no_mount_and_no_process(lower, state_base, tmp_path):
+def test_sigkill_of_the_runner_still_leaves_no_mount_and_no_process(
+        lower, state_base, tmp_path, start_runner):
     # No teardown can run in a SIGKILLed runner: the container dies with it
     # (PR_SET_PDEATHSIG) and the server, told by SIGTERM, unmounts and exits.
     # Only the state dir (the throwaway upper) is left, by design.
     sync = tmp_path / "sync"
     sync.mkdir()
-    runner = subprocess.Popen(
-        [UNIONFS, "run", "--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
-         "touch /sync/ready; exec sleep 1004"],
-        env=dict(os.environ, TMPDIR=state_base))
+    runner = start_runner(
+        ["--lower", lower, "-v", f"{sync}:/sync", "--", "sh", "-c",
+         "touch /sync/ready; exec sleep 1004"])
     _wait_for(sync / "ready", runner)
     runner.kill()
     runner.wait(timeout=30)
