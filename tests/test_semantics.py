@@ -160,6 +160,8 @@ def exchange_dir_into_deleted_lower_dir(mnt):
 
 
 OPS = {
+    "xattrs of the root": lambda m: (os.setxattr(m, "user.r", b"1"), os.getxattr(m, "user.r"),
+                                     os.removexattr(m, "user.r"), os.listxattr(m)),
     "rename dir onto a deleted lower dir": lambda m: (os.rmdir(f"{m}/ldir"),
                                                       os.rename(f"{m}/udir", f"{m}/ldir"),
                                                       sorted(os.listdir(f"{m}/ldir"))),

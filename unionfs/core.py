@@ -837,8 +837,10 @@ class Union:
     # ---- xattrs -------------------------------------------------------------
 
     def _xattr_path(self, node: Node) -> bytes:
-        if node.parent is None:
-            return whiteout.fd_path(self.layers[node.layer].fd)
+        """A path naming node itself for the xattr calls (which take no dirfd);
+        they must not follow it (follow_symlinks=False)."""
+        if node.parent is None:     # the root: its layer's root, by name from that fd
+            return whiteout.entry_path(self.layers[node.layer].fd, b".")
         return whiteout.entry_path(self.dirfd(node.parent, node.layer), node.name)
 
     def getxattr(self, ino, name: bytes) -> bytes:
