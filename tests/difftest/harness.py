@@ -58,22 +58,32 @@ def same_result(op, ra, rb, target):
     return False
 
 
-def _mirror_kernel_failed_setxattr_copyup(op, result, mnt):
-    """docs/format.md, "A failed xattr change copies nothing up": the kernel copies
-    the object (and its parents) up before a setxattr that then fails with
-    ENODATA (XATTR_REPLACE) or EEXIST (XATTR_CREATE); unionfs does not, on
-    purpose. The kernel's extra copy-up is visible later (a dir becomes merged:
-    nlink 1), so the target is made to copy up the same object with a
-    successful, immediately undone xattr change, keeping the two states alike."""
-    if op[0] != "setxattr" or result not in (("err", "ENODATA"), ("err", "EEXIST")):
+def upper_entries(upper):
+    """Every relpath in an upper layer (to see what one op copied up)."""
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for n in dirnames + filenames:
+            found.add(os.path.relpath(os.path.join(dirpath, n), upper))
+    return found
+
+
+def _mirror_failed_op_copyups(result, before, ref_upper, mnt):
+    """SEMANTICS: a failed op copies nothing up; docs/format.md lists where the
+    kernel does (setxattr failing with ENODATA/EEXIST, a failed link(), a failed
+    rename copying up the target's parent). Such a kernel copy-up shows later
+    (a dir becomes merged: nlink 1; its parent's mtime moves), so after an op
+    that failed on both sides, whatever the kernel copied up during it is
+    copied up in the target too, by a trusted xattr set and removed at once:
+    the two states stay alike and the difference stays the documented one."""
+    if result[0] != "err":
         return
-    _, rel, _name, _value, _flags, follow = op
-    path = os.path.join(str(mnt), rel)
-    try:
-        os.setxattr(path, "trusted.difftest", b"", follow_symlinks=follow)
-        os.removexattr(path, "trusted.difftest", follow_symlinks=follow)
-    except OSError:
-        pass
+    for rel in sorted(upper_entries(ref_upper) - before, key=lambda r: (r.count("/"), r)):
+        path = os.path.join(str(mnt), rel)
+        try:
+            os.setxattr(path, "trusted.difftest", b"", follow_symlinks=False)
+            os.removexattr(path, "trusted.difftest", follow_symlinks=False)
+        except OSError:
+            pass  # a whiteout the kernel wrote, or a name the union does not show
 
 
 def build_stacks(seed, workdir, target, make_stack=None, split_fs=None):
@@ -215,6 +225,7 @@ def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server
 
         for i in range(nops):
             op = op_source(i, ref.mnt)
+            ref_upper_before = upper_entries(ref.upper) if target.startswith("unionfs") else None
             if op[0] == "remount":  # unmount both, mount both again: state must persist
                 ra = rb = remount()
             else:
@@ -224,7 +235,7 @@ def _run_mounted(seed, nops, ref, tgt, target, deadline, ignore, history, server
             if not same_result(op, ra, rb, target):
                 return diverged(f"op #{i}", i, [f"result: kernel={ra!r} {target}={rb!r}"])
             if target.startswith("unionfs"):
-                _mirror_kernel_failed_setxattr_copyup(op, ra, tgt.mnt)
+                _mirror_failed_op_copyups(ra, ref_upper_before, ref.upper, tgt.mnt)
             paths = ops.op_paths(op)
             details = tree.compare_entries(ops.local_state(ref.mnt, paths),
                                            ops.local_state(tgt.mnt, paths), "kernel", target,
