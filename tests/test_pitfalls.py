@@ -386,3 +386,15 @@ def test_forget_keeps_the_node_table_bounded(stack):
         wait_for(lambda: server_stats(stack.mnt)["nodes"] < 1000, timeout=20,
                  what="the server to honour FORGET")
         assert server_stats(stack.mnt)["dirfds"] <= 4096
+
+
+def test_programs_in_a_lower_layer_can_be_executed(stack):
+    """exec's open carries the kernel's __FMODE_EXEC bit, which openat2 refuses."""
+    import shutil
+    shutil.copy2("/bin/true", stack.lowers[1] / "prog")
+    os.symlink("prog", stack.lowers[0] / "link")
+    with stack.unionfs():
+        for name in ("prog", "link"):
+            assert subprocess.run([str(stack.mnt / name)]).returncode == 0
+        os.chmod(stack.mnt / "prog", 0o755)          # and once copied up
+        assert subprocess.run([str(stack.mnt / "prog")]).returncode == 0

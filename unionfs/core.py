@@ -26,8 +26,10 @@ DIRFD_CACHE_SIZE = 4096
 # total number of names kept.
 LISTING_AFTER_PROBES = 8
 LISTING_CACHE_NAMES = 500_000
-# flags the kernel already acted on (or that make no sense on our side)
-OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+# The open flags we pass on. The kernel's request may carry internal bits
+# (exec's __FMODE_EXEC, 0x20) that openat2, unlike open, rejects with EINVAL.
+OPEN_PASS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DSYNC | os.O_SYNC
+             | os.O_DIRECT | os.O_NOATIME | os.O_LARGEFILE | os.O_TRUNC)
 
 
 def err(code: int, *args) -> OSError:
@@ -393,7 +395,7 @@ class Union:
             return      # the data has not moved: readers stay where they are
         for h in node.handles:
             if not h.writable:
-                fd = self._open_upper(node, h.flags & ~OPEN_STRIP & ~os.O_TRUNC)
+                fd = self._open_upper(node, h.flags & OPEN_PASS & ~os.O_TRUNC)
                 os.close(h.fd)
                 h.fd = fd
 
@@ -499,7 +501,7 @@ class Union:
         fd = None
         if kind == stat.S_IFREG:
             flags = os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-            flags |= (open_flags & ~(OPEN_STRIP | os.O_TRUNC)) if open_flags is not None \
+            flags |= (open_flags & OPEN_PASS & ~os.O_TRUNC) if open_flags is not None \
                 else os.O_WRONLY
             fd = os.open(name, flags, 0o600, dir_fd=dirfd)
             os.fchown(fd, uid, gid)
@@ -894,7 +896,7 @@ class Union:
         if self.needs_copyup_for_open(flags):
             self._require_upper()
             self.copy_up(node)
-        oflags = (flags & ~OPEN_STRIP) | os.O_CLOEXEC
+        oflags = (flags & OPEN_PASS) | os.O_CLOEXEC
         if node.data_layer is not None:     # a metacopy: its data is still below
             fd = sysc.openat2(self.dirfd(node.parent, node.data_layer), node.name,
                               oflags | os.O_NOFOLLOW)
