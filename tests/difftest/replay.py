@@ -34,8 +34,9 @@ def main(seeds, nops, target, bisect, keep, no_remount_check, ignore, split_fs, 
     """Replay SEEDS (one or more) against kernel overlayfs."""
     if os.geteuid() != 0:
         raise click.UsageError("needs root (mounts overlay and FUSE filesystems)")
-    if snapshot:
-        os.environ["UNIONFS_DIFF_PYTHONPATH"] = _export_snapshot(snapshot)
+    snapshot_dir = _export_snapshot(snapshot) if snapshot else None
+    if snapshot_dir:
+        os.environ["UNIONFS_DIFF_PYTHONPATH"] = snapshot_dir
     failed = 0
     for seed in seeds:
         base = keep or tempfile.mkdtemp(prefix=f"difftest-{seed}-")
@@ -53,6 +54,8 @@ def main(seeds, nops, target, bisect, keep, no_remount_check, ignore, split_fs, 
         else:
             failed += 1
             click.echo(div.report())
+    if snapshot_dir:
+        shutil.rmtree(snapshot_dir, ignore_errors=True)
     sys.exit(1 if failed else 0)
 
 
