@@ -10,7 +10,7 @@ APT_PACKAGES=(
   fuse3 libfuse3-dev pkg-config attr git xz-utils
   fuse-overlayfs unionfs-fuse busybox-static xfsprogs
   python3-venv
-  bubblewrap runc
+  bubblewrap runc podman
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
