@@ -134,6 +134,15 @@ def test_open_flag_matrix(requirements, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_mmap(requirements, tmp_path):
+    """Private read mappings and shared writable mappings (a copy-up) of lower files,
+    upper files and symlinks to lower files: pread and the trees must agree."""
+    div = harness.run_mmap_cases(tmp_path, TARGET)
+    if div is not None:
+        pytest.fail(div.report(), pytrace=False)
+
+
+@pytest.mark.timeout(300)
 def test_differential(requirements, fast_seed, tmp_path):
     _run(fast_seed, FAST_OPS, tmp_path)
 

@@ -323,3 +323,21 @@ def run_open_matrix(workdir, target="unionfs", **kw):
     cases = generator.open_matrix_cases()
     return run_seed(0, len(cases), workdir, target, make_stack=generator.generate_open_matrix_stack,
                     op_source=lambda i, _mnt: cases[i], **kw)
+
+
+def mmap_cases():
+    """Reads and shared writable mappings of lower files, upper files and symlinks to
+    lower files (the write copies up), checked with pread and, later, the trees."""
+    cases = []
+    for k in range(6):
+        for name in (f"lowerfile{k}", f"upperfile{k}", f"symlower{k}", f"chain{k}"):
+            cases.append(("mmap_read", name))
+            cases.append(("mmap_rw", name, k * 3, 1 + k * 2, k))
+            cases.append(("mmap_read", name))
+    return cases
+
+
+def run_mmap_cases(workdir, target="unionfs", **kw):
+    cases = mmap_cases()
+    return run_seed(0, len(cases), workdir, target, make_stack=generator.generate_open_matrix_stack,
+                    op_source=lambda i, _mnt: cases[i], **kw)

@@ -10,6 +10,7 @@ numbers or clock times, so the two sides' results compare with ==.
 import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import stat
 
@@ -158,6 +159,39 @@ def _x_stale_fd(p, nbytes, tag):
         return _h(os.pread(rfd, 1 << 16, 0))
     finally:
         os.close(rfd)
+
+
+def _x_mmap_rw(p, offset, nbytes, tag):
+    """Write through a shared writable mapping (a copy-up), then read back with pread."""
+    fd = os.open(p, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return "empty"
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            start = min(offset, size - 1)
+            data = _data(nbytes, tag)[:max(0, min(nbytes, size - start))]
+            m[start:start + len(data)] = data
+            m.flush()
+        finally:
+            m.close()
+        return _h(os.pread(fd, size, 0)), size
+    finally:
+        os.close(fd)
+
+
+def _x_mmap_read(p):
+    """Read a file through a private read-only mapping."""
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return "empty"
+        with mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ) as m:
+            return _h(m[:])
+    finally:
+        os.close(fd)
 
 
 def _x_unlink_open(p):
@@ -351,6 +385,8 @@ EXECUTORS = {
     "ftruncate": (_x_ftruncate, (0,)),
     "stale_fd": (_x_stale_fd, (0,)),
     "unlink_open": (_x_unlink_open, (0,)),
+    "mmap_rw": (_x_mmap_rw, (0,)),  # not drawn by choose_op: see harness.run_mmap_cases
+    "mmap_read": (_x_mmap_read, (0,)),
     "chmod": (_x_chmod, (0,)),
     "chown": (_x_chown, (0,)),
     "utime": (_x_utime, (0,)),
