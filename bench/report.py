@@ -138,6 +138,11 @@ def write_summary(records, out_dir, run_info):
     rows = [[r["config"], r["impl"], "pass" if r["value"] == 0 else f"FAIL ({r['value']} "
              f"mismatches, see correctness-{r['config']}-{r['impl']}.txt)"] for r in checks]
     lines += [_md_table(["config", "target", "result"], rows), ""]
+    disturbed = collections.Counter(r["workload"] for r in records if r.get("caches_dropped"))
+    if disturbed:
+        lines += ["Runs during which another process dropped the host's caches "
+                  "(`/proc/sys/vm/drop_caches`; their warm numbers are really cold): "
+                  + ", ".join(f"{w} ({n} records)" for w, n in sorted(disturbed.items())), ""]
     errors = [r for r in records if r["metric"] == "error"]
     if errors:
         lines += ["## Errors", ""]

@@ -58,6 +58,16 @@ def vmhwm_kib(pid):
     return None
 
 
+def cache_drops():
+    """How often anyone has written to /proc/sys/vm/drop_caches since boot."""
+    try:
+        with open("/proc/vmstat") as f:
+            return sum(int(line.split()[1]) for line in f
+                       if line.startswith(("drop_pagecache ", "drop_slab ")))
+    except OSError:
+        return 0
+
+
 def drop_file_cache(paths):
     for path in paths:
         try:
@@ -264,6 +274,7 @@ class Suite:
                 root = dirs["mnt"]
                 mount_s = self._mount(config, target, dirs)
             hung = False
+            drops_before = cache_drops()
             try:
                 if workload.kind == "mount":
                     metrics = [("mount_s", mount_s, "s")]
@@ -292,9 +303,12 @@ class Suite:
             if guard:
                 guard.restore()
             _rmtree(base)
+        # Another process dropping the host's caches mid-run makes "warm" cold;
+        # the record says so (the summary counts such runs).
+        disturbed = cache_drops() != drops_before
         for metric, value, unit in metrics:
             self.record(config, target, workload.name, metric, value, unit, rep,
-                        group=workload.group)
+                        group=workload.group, caches_dropped=disturbed)
         return ", ".join(f"{m}={v:.4g}" for m, v, _u in metrics if m != "server_vmhwm_kib")
 
     def _check(self, args):
