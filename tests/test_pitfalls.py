@@ -259,6 +259,23 @@ def as_user(uid, fn):
     return os.waitstatus_to_exitcode(status)
 
 
+def test_truncating_open_by_a_user_clears_set_id_bits(stack):
+    f = stack.lowers[0] / "f"
+    f.write_text("x")
+    os.chown(f, 1000, 1000)
+    os.chmod(f, 0o6755)
+    stack.mnt = pathlib.Path(tempfile.mkdtemp(prefix="unionfs-user-"))
+    os.chmod(stack.mnt, 0o755)
+    try:
+        with stack.unionfs():
+            code = as_user(1000, lambda: os.close(os.open(stack.mnt / "f",
+                                                          os.O_WRONLY | os.O_TRUNC)))
+            mode = stat.S_IMODE(os.stat(stack.mnt / "f").st_mode)
+    finally:
+        os.rmdir(stack.mnt)
+    assert code == 0 and mode == 0o755
+
+
 @pytest.mark.parametrize("op", ["write-open", "truncate", "utimes", "read"])
 def test_unprivileged_user_cannot_modify_root_owned_lower_file(stack, op):
     f = stack.lowers[0] / "f"

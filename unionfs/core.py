@@ -327,8 +327,11 @@ class Union:
         else:
             st = self._stat_raw(node)
         if node.unlinked:
-            # an upper file may keep names we never looked up; a lower one has none left
-            nlink = st.st_nlink if node.layer == UPPER and node.kind == stat.S_IFREG else 0
+            # an upper file may keep names we never looked up; a lower one (or a
+            # metacopy, whose open files are on the lower data) has none left
+            keeps_names = (node.layer == UPPER and node.data_layer is None
+                           and node.kind == stat.S_IFREG)
+            nlink = st.st_nlink if keeps_names else 0
         elif node.kind == stat.S_IFDIR and len(node.layers) > 1:
             nlink = 1       # a merged directory, as overlayfs reports it
         else:
@@ -560,7 +563,7 @@ class Union:
             if flags & os.O_EXCL:
                 raise err(errno.EEXIST, name)
             node, _ = self._entry(self._node_for(parent, name, found))
-            return self.open(node.ino, flags & ~os.O_CREAT), node, self.stat(node)
+            return self.open(node.ino, flags & ~os.O_CREAT, caller), node, self.stat(node)
         node, fd = self._create(parent, name, stat.S_IFREG,
                                 stat.S_IMODE(mode) & ~caller.umask, caller, open_flags=flags)
         fh = self._add_handle(Handle(node, fd, flags))
@@ -889,13 +892,15 @@ class Union:
         # as the kernel: O_RDONLY|O_APPEND can never write, so it does not copy up
         return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
 
-    def open(self, ino, flags) -> int:
+    def open(self, ino, flags, caller=ROOT_CALLER) -> int:
         node = self.node(ino)
         if node.kind == stat.S_IFDIR and flags & (os.O_WRONLY | os.O_RDWR):
             raise err(errno.EISDIR)
         if self.needs_copyup_for_open(flags):
             self._require_upper()
             self.copy_up(node)
+            if flags & os.O_TRUNC and caller.uid != 0:
+                self._kill_suid(node)
         oflags = (flags & OPEN_PASS) | os.O_CLOEXEC
         if node.data_layer is not None:     # a metacopy: its data is still below
             fd = sysc.openat2(self.dirfd(node.parent, node.data_layer), node.name,
@@ -906,6 +911,17 @@ class Union:
             fd = sysc.openat2(self.dirfd(node.parent, node.layer), node.name,
                               oflags | os.O_NOFOLLOW)
         return self._add_handle(Handle(node, fd, flags))
+
+    def _kill_suid(self, node: Node) -> None:
+        """Truncation by an unprivileged caller clears set-id bits, as the
+        kernel's do_truncate would; our own truncation runs as root."""
+        st = self._stat_raw(node)
+        mode = stat.S_IMODE(st.st_mode)
+        kill = stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if mode & kill:
+            os.chmod(node.name, mode & ~kill, dir_fd=self.upper_dirfd(node.parent))
 
     def handle(self, fh) -> Handle:
         h = self.handles.get(fh)

@@ -224,7 +224,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if self.u.needs_copyup_for_open(flags):
             await self._copy_up(self.u.node(inode))
-        fh = self.u.open(inode, flags)
+        fh = self.u.open(inode, flags, caller(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @translate_errors

@@ -126,9 +126,13 @@ def make_opaque(dir_fd: int, fmt: str) -> None:
     if fmt == FORMAT_KERNEL:
         os.setxattr(fd_path(dir_fd), OPAQUE_XATTRS[0], b"y")
     else:
+        # a marker file is bookkeeping, not a change of the directory: keep its times
+        path = fd_path(dir_fd)
+        st = os.stat(path)
         fd = os.open(OPAQUE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600,
                      dir_fd=dir_fd)
         os.close(fd)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def is_private_xattr(name: bytes) -> bool:
