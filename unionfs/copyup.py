@@ -81,19 +81,19 @@ _NO_REFLINK: set = set()
 
 
 def copy_data(src: int, dst: int, size: int, blocks: int | None = None,
-              devs: tuple = ()) -> None:
+              devs: tuple = ()) -> bool:
     """Copy size bytes; blocks (st_blocks of src) tells a file with no holes,
     which needs no hole scan; devs (source and destination st_dev) remembers
-    filesystems that cannot reflink."""
+    filesystems that cannot reflink. True when the data was reflinked."""
     if devs not in _NO_REFLINK:
         try:
             fcntl.ioctl(dst, sysc.FICLONE, src)
-            return
+            return True
         except OSError:
             _NO_REFLINK.add(devs)
     if blocks is not None and blocks * 512 >= size:
         _copy_range(src, dst, 0, size)
-        return
+        return False
     pos = 0
     while pos < size:
         try:
@@ -106,6 +106,7 @@ def copy_data(src: int, dst: int, size: int, blocks: int | None = None,
         _copy_range(src, dst, start, end)
         pos = end
     os.ftruncate(dst, size)
+    return False
 
 
 # Below this size sendfile beats copy_file_range's set-up cost (measured on ext4).
@@ -176,6 +177,7 @@ def _run(job: CopyJob) -> None:
     mode = st.st_mode
     tmp = temp_name()
     fd = None
+    shared_data = False     # a reflink: the data blocks are already on disk
     try:
         if stat.S_ISREG(mode):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
@@ -185,8 +187,8 @@ def _run(job: CopyJob) -> None:
             else:
                 src = sysc.openat2(job.src_dir, job.name, os.O_RDONLY | os.O_NOFOLLOW)
                 try:
-                    copy_data(src, fd, st.st_size,
-                              None if job.kind == DATA else st.st_blocks, job.devs)
+                    shared_data = copy_data(src, fd, st.st_size,
+                                            None if job.kind == DATA else st.st_blocks, job.devs)
                 finally:
                     os.close(src)
         elif stat.S_ISDIR(mode):
@@ -197,9 +199,10 @@ def _run(job: CopyJob) -> None:
         else:   # FIFO, socket, device node: recreate as what it is
             os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=job.work_dir)
         _finish_meta(job, tmp, fd)
-        # A metacopy holds no data: its size and xattrs are journaled metadata,
-        # ordered before the rename, so there is nothing to fsync (nor does the kernel).
-        if fd is not None and job.durable and job.kind != META:
+        # A metacopy holds no data, and a reflinked copy shares blocks already on
+        # disk: what they add is journaled metadata, ordered before the rename,
+        # so there is nothing to fsync (the kernel does not either).
+        if fd is not None and job.durable and job.kind != META and not shared_data:
             os.fsync(fd)
     except BaseException:
         if fd is not None:

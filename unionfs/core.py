@@ -25,7 +25,7 @@ DIRFD_CACHE_SIZE = 4096
 # lstat per layer (lower layers do not change while mounted). Bounded by the
 # total number of names kept.
 LISTING_AFTER_PROBES = 8
-LISTING_CACHE_NAMES = 500_000
+LISTING_CACHE_NAMES = 200_000
 # The open flags we pass on. The kernel's request may carry internal bits
 # (exec's __FMODE_EXEC, 0x20) that openat2, unlike open, rejects with EINVAL.
 OPEN_PASS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DSYNC | os.O_SYNC
