@@ -97,3 +97,13 @@ def test_without_metacopy_a_chmod_copies_the_data(stack):
         os.chmod(stack.mnt / "big", 0o600)
     assert not is_metacopy(stack.upper / "big")
     assert (stack.upper / "big").read_bytes() == lower_data(stack)
+
+
+def test_small_metacopy_file_is_recognised_after_a_remount(tmp_path):
+    """An xattr block can outweigh a small file: block counts alone cannot tell."""
+    s = Stack(tmp_path, nlowers=1)
+    (s.lowers[0] / "small").write_bytes(b"x" * 100)
+    with s.unionfs(options=["metacopy=on"]):
+        os.setxattr(s.mnt / "small", "user.big", b"v" * 3000)    # an external xattr block
+    with s.unionfs(options=["metacopy=on"]):
+        assert (s.mnt / "small").read_bytes() == b"x" * 100

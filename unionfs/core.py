@@ -26,6 +26,8 @@ DIRFD_CACHE_SIZE = 4096
 # total number of names kept.
 LISTING_AFTER_PROBES = 8
 LISTING_CACHE_NAMES = 200_000
+# A metacopy file is a hole; its blocks (512-byte units) hold xattrs at most.
+METACOPY_MAX_BLOCKS = 16
 # The open flags we pass on. The kernel's request may carry internal bits
 # (exec's __FMODE_EXEC, 0x20) that openat2, unlike open, rejects with EINVAL.
 OPEN_PASS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DSYNC | os.O_SYNC
@@ -266,8 +268,8 @@ class Union:
 
     def _metacopy_data_layer(self, parent: Node, name: bytes, st) -> int | None:
         """For an upper metacopy file, the lower layer holding its data."""
-        if st.st_blocks * 512 >= st.st_size:
-            return None     # a metacopy file is a hole (its blocks hold xattrs at most)
+        if not st.st_size or st.st_blocks > METACOPY_MAX_BLOCKS:
+            return None     # holds data: no metacopy (most big files are ruled out here)
         dfd = self.dirfd(parent, UPPER)
         try:
             os.getxattr(whiteout.entry_path(dfd, name), copyup.METACOPY_XATTR,

@@ -106,7 +106,8 @@ def make_whiteout(dirfd: int, name: bytes, fmt: str) -> None:
     if fmt == FORMAT_KERNEL:
         os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dirfd)
     else:
-        fd = os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+        # a .wh.NAME may already be there (it hid a lower NAME before NAME was made)
+        fd = os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600, dir_fd=dirfd)
         os.close(fd)
 
