@@ -62,11 +62,13 @@ def test_opaque_directory_forms(d, form):
         (path / "dir" / ".wh..wh..opq").write_bytes(b"")
     else:
         os.setxattr(path / "dir", form, b"y")
-    sub = dirfd(path / "dir")
-    try:
-        assert whiteout.is_opaque_dir(sub)
-    finally:
-        os.close(sub)
+    assert whiteout.is_opaque(fd, b"dir")
+
+
+def test_plain_directory_is_not_opaque(d):
+    path, fd = d
+    (path / "dir").mkdir()
+    assert not whiteout.is_opaque(fd, b"dir")
 
 
 @pytest.mark.parametrize("fmt", [whiteout.FORMAT_KERNEL, whiteout.FORMAT_OCI])
@@ -77,9 +79,9 @@ def test_written_markers_read_back(d, fmt):
     sub = dirfd(path / "dir")
     try:
         whiteout.make_opaque(sub, fmt)
-        assert whiteout.is_opaque_dir(sub)
     finally:
         os.close(sub)
+    assert whiteout.is_opaque(fd, b"dir")
     if fmt == whiteout.FORMAT_KERNEL:
         assert whiteout.is_whiteout(fd, b"gone", lst(path / "gone"))
     else:

@@ -86,7 +86,7 @@ def probe(parent_layers, dirfd_of, name: bytes, names_of=None) -> Found | None:
             if not stat.S_ISDIR(st.st_mode):
                 break
             merged.append(li)
-            if more_below and _child_is_opaque(dfd, name):
+            if more_below and whiteout.is_opaque(dfd, name):
                 break
         # an OCI whiteout hides NAME in the layers below this one
         if more_below and (whiteout.WH_PREFIX + name in names if names is not None
@@ -95,13 +95,6 @@ def probe(parent_layers, dirfd_of, name: bytes, names_of=None) -> Found | None:
     if found is not None and merged:
         found.layers = tuple(merged)
     return found
-
-
-def _child_is_opaque(dirfd: int, name: bytes) -> bool:
-    """Is the directory dirfd/name (just lstat'ed as a directory) opaque?"""
-    if whiteout.has_opaque_xattr(whiteout.entry_path(dirfd, name)):
-        return True
-    return lstat_at(dirfd, name + b"/" + whiteout.OPAQUE_MARKER) is not None
 
 
 def lower_positive(parent_layers, dirfd_of, name: bytes, below: int) -> bool:

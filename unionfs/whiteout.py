@@ -74,18 +74,15 @@ def is_whiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
     return False
 
 
-def has_opaque_xattr(path: bytes) -> bool:
-    return _has_xattr(path, OPAQUE_XATTRS, follow=False, want=b"y")
-
-
-def is_opaque_dir(dir_fd: int) -> bool:
-    """Is the directory open as dir_fd opaque (xattr form or OCI marker)?"""
-    if _has_xattr(fd_path(dir_fd), OPAQUE_XATTRS, follow=True, want=b"y"):
+def is_opaque(dirfd: int, name: bytes) -> bool:
+    """Is the directory dirfd/name (known to be a directory) opaque, in
+    either form: the opaque xattr, or an OCI marker file inside it?"""
+    if _has_xattr(entry_path(dirfd, name), OPAQUE_XATTRS, follow=False, want=b"y"):
         return True
     try:
-        os.stat(OPAQUE_MARKER, dir_fd=dir_fd, follow_symlinks=False)
+        os.stat(name + b"/" + OPAQUE_MARKER, dir_fd=dirfd, follow_symlinks=False)
         return True
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
 
 
