@@ -5,31 +5,21 @@
 `data/` tree the tests delete and overwrite. Nothing here mocks anything.
 """
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-BUSYBOX = "/bin/busybox"
+from runner.startup_bench import BUSYBOX, build_busybox_rootfs
+
 UNIONFS = os.path.join(os.path.dirname(sys.executable), "unionfs")
 
 
 def build_rootfs(root):
     if not os.path.exists(BUSYBOX):
         pytest.skip("busybox-static is not installed (apt-get install busybox-static)")
-    applets = subprocess.run([BUSYBOX, "--list-full"], check=True, capture_output=True,
-                             text=True).stdout.split()
-    os.makedirs(os.path.join(root, "bin"))
-    shutil.copy2(BUSYBOX, os.path.join(root, "bin", "busybox"))
-    for applet in applets:
-        path = os.path.join(root, applet)
-        if os.path.lexists(path):
-            continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.symlink("/bin/busybox", path)
-    for d in ("etc", "root", "proc", "sys", "dev", "tmp", "data/sub"):
-        os.makedirs(os.path.join(root, d), exist_ok=True)
+    build_busybox_rootfs(root)
+    os.makedirs(os.path.join(root, "data/sub"), exist_ok=True)
     files = {
         "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n",
         "etc/group": "root:x:0:\nnogroup:x:65534:\n",

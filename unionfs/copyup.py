@@ -208,7 +208,7 @@ def _run(job: CopyJob) -> None:
         if fd is not None:
             os.close(fd)
             fd = None
-        _remove(job.work_dir, tmp)
+        remove_tree(job.work_dir, tmp)
         raise
     finally:
         if fd is not None:
@@ -220,19 +220,10 @@ def _run(job: CopyJob) -> None:
         flags = 0 if job.kind == DATA else sysc.RENAME_NOREPLACE
         sysc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, flags)
     except BaseException:
-        _remove(job.work_dir, tmp)
+        remove_tree(job.work_dir, tmp)
         raise
     # a copy-up is no change of the parent directory: keep its times, as the kernel does
     os.utime(parent, ns=(parent_st.st_atime_ns, parent_st.st_mtime_ns))
-
-
-def _remove(dirfd: int, name: bytes) -> None:
-    try:
-        os.unlink(name, dir_fd=dirfd)
-    except IsADirectoryError:
-        os.rmdir(name, dir_fd=dirfd)
-    except FileNotFoundError:
-        pass
 
 
 def clean_workdir(work_dir: int) -> int:

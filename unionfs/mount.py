@@ -181,7 +181,7 @@ def _detach_stdio():
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
         os.dup2(devnull, fd)
-    if not logging.getLogger().handlers or not log.isEnabledFor(logging.DEBUG):
+    if not log.isEnabledFor(logging.DEBUG):     # --debug keeps logging to stderr
         os.dup2(devnull, 2)
     os.close(devnull)
 
