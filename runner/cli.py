@@ -6,6 +6,7 @@ command's own (127 not found, 126 not executable, 128+N killed by signal N).
 """
 import click
 
+from . import prestart
 from .plan import PlanError, build_plan
 
 RUN_USAGE = ("unionfs run --lower DIR [--lower DIR ...] [--upper DIR --work DIR] [OPTIONS] "
@@ -77,4 +78,6 @@ def run(lowers, upper, work, rootfs, hostname, env, workdir, user, net, volumes,
             f"unionfs run: {message}", err=True))
     except RunError as e:
         raise RunFailure(str(e)) from None
+    finally:
+        prestart.discard()  # a server process started early but not used
     raise SystemExit(status)

@@ -1,8 +1,10 @@
 """The layer stack of one run: a private state dir, the union mount and its teardown.
 
-The union is served by a separate `unionfs mount -f` process (a FUSE server
-must never run inside the process that uses its mount), forked from the
-runner rather than exec'd (see `_fork_unionfs_server`). Keeping it in the
+The union is served by a separate server process, the equivalent of
+`unionfs mount -f` (a FUSE server must never run inside the process that
+uses its mount), forked from the runner rather than exec'd: usually at the
+runner's very start (runner.prestart), else when mounting
+(`_fork_unionfs_server`). Keeping it in the
 foreground lets the runner own its pid: it waits for the mount to go live,
 and after unmounting it waits for the server to exit, so no server outlives a
 run. Every step of `close()` is tolerant, so it can run on any path.
@@ -15,7 +17,7 @@ import signal
 import sys
 import time
 
-from . import libc
+from . import libc, prestart
 
 MOUNT_PROGRAM_ENV = "UNIONFS_RUN_MOUNT_PROGRAM"
 MOUNT_TIMEOUT = 30.0
@@ -53,31 +55,69 @@ def make_state_dir():
     raise UnionError(f"cannot create a state directory in {base}")
 
 
-def mount_command(lowers, upper, work, mountpoint):
-    override = os.environ.get(MOUNT_PROGRAM_ENV)
-    if override:
-        opts = f"lowerdir={':'.join(lowers)}"
-        if upper:
-            opts += f",upperdir={upper},workdir={work}"
-        return [override, "-f", "-o", opts, mountpoint]
-    argv = ["unionfs", "mount", "-f"]  # run by _fork_unionfs_server, not exec'd
-    for lower in lowers:
-        argv += ["--lower", lower]
+def mount_program_command(program, lowers, upper, work, mountpoint):
+    """The command line of a UNIONFS_RUN_MOUNT_PROGRAM (fuse-overlayfs's syntax)."""
+    opts = f"lowerdir={':'.join(lowers)}"
     if upper:
-        argv += ["--upper", upper, "--work", work]
-    return argv + [mountpoint]
+        opts += f",upperdir={upper},workdir={work}"
+    return [program, "-f", "-o", opts, mountpoint]
 
 
-def _fork_unionfs_server(args, log_fd):
-    """Run `unionfs ARGS` in a forked child; return its pid.
+def server_request(lowers, upper, work, mountpoint):
+    """What a unionfs server needs to know, as strings (see `serve`)."""
+    return [mountpoint, upper or "", work or "", *lowers]
 
-    The same command line as the console script, minus a new interpreter: the
-    runner already has Python, click and unionfs.cli loaded, so the server
-    skips ~100 ms of start-up, and it works even where the interpreter's path
-    is not readable by the calling user. It is still a separate process (a
-    FUSE server must never serve its own client).
+
+def serve(request):
+    """Be `unionfs mount -f --lower L.. [--upper U --work W] MNT`; return its exit status.
+
+    Runs in the server's own process, with stdout and stderr on the log.
     """
-    from unionfs.cli import main
+    from unionfs.mount import MountError, start
+    from unionfs.options import MountConfig
+    mountpoint, upper, work, *lowers = request
+    cfg = MountConfig(lowers=lowers, upper=upper or None, work=work or None,
+                      mountpoint=mountpoint, foreground=True)
+    try:
+        return start(cfg)
+    except MountError as e:
+        print(f"unionfs: {e}", file=sys.stderr)
+        return 1
+
+
+def import_server_modules():
+    """Everything `serve` imports; ~100 ms, almost all of it pyfuse3 and trio."""
+    import pyfuse3  # noqa: F401
+    import trio  # noqa: F401
+
+    import unionfs.fuse_ops  # noqa: F401
+    import unionfs.mount  # noqa: F401
+
+
+def become_server_process():
+    """Signals and stdin as a server forked from the runner needs them.
+
+    The caller has called setsid(): the terminal's Ctrl-C is for the
+    container, not the server.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+
+
+def _fork_unionfs_server(request, log_fd):
+    """Fork a unionfs server for `request`; return its pid.
+
+    It is a separate process (a FUSE server must never serve its own
+    client), but not a new interpreter: Python is already loaded, which saves
+    the interpreter's start-up and works even where the interpreter's path is
+    not readable by the calling user. `unionfs run` usually has one forked
+    already, importing the server's modules while the runner starts up
+    (runner.prestart); this is the way when it has not.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     runner = os.getpid()
@@ -91,18 +131,11 @@ def _fork_unionfs_server(args, log_fd):
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != runner:
             os._exit(1)
-        os.setsid()  # the terminal's Ctrl-C is for the container, not the server
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
+        os.setsid()
+        become_server_process()
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        main(args=list(args), prog_name="unionfs")
-        status = 0
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        status = serve(request)
     except BaseException as e:  # noqa: BLE001 - report it in the log, never return
         os.write(2, f"unionfs server: {e!r}\n".encode())
     finally:
@@ -142,14 +175,14 @@ class UnionStack:
         if self.throwaway:
             os.mkdir(self.upper, 0o755)
             os.mkdir(self.work, 0o700)
-        argv = mount_command(self.plan.lowers, self.upper, self.work, self.mountpoint)
+        program = os.environ.get(MOUNT_PROGRAM_ENV)
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             # The server's pid is recorded before an interrupt can unwind this frame.
             with signals_blocked():
-                self.server_pid = self._start_server(argv, log_fd)
+                self.server_pid = self._start_server(program, log_fd)
         except OSError as e:
-            raise UnionError(f"cannot start {argv[0]}: {e.strerror}") from None
+            raise UnionError(f"cannot start {program or 'unionfs'}: {e.strerror}") from None
         finally:
             os.close(log_fd)
         deadline = time.monotonic() + MOUNT_TIMEOUT
@@ -167,15 +200,17 @@ class UnionStack:
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
 
-    @staticmethod
-    def _start_server(argv, log_fd):
-        if os.environ.get(MOUNT_PROGRAM_ENV):
+    def _start_server(self, program, log_fd):
+        layers = (self.plan.lowers, self.upper, self.work, self.mountpoint)
+        if program:
+            argv = mount_program_command(program, *layers)
             return os.posix_spawn(argv[0], argv, os.environ, file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, log_fd, 1),
                 (os.POSIX_SPAWN_DUP2, log_fd, 2),
             ], setsid=True)
-        return _fork_unionfs_server(argv[1:], log_fd)
+        request = server_request(*layers)
+        return prestart.claim(request, self.log_path) or _fork_unionfs_server(request, log_fd)
 
     def _log_tail(self):
         try:

@@ -568,6 +568,97 @@ def test_sigkill_of_the_runner_still_leaves_no_mount_and_no_process(
         shutil.rmtree(os.path.join(state_base, leftover))
 
 
+# The union server's process started at the runner's start (runner.prestart).
+
+def test_an_early_server_is_started_only_for_a_layer_stack():
+    from runner.prestart import is_console_run, wanted
+    assert wanted(["--lower", "/l", "--", "true"], environ={})
+    assert wanted(["--lower=/l", "-e", "A=1", "--", "sh", "--rootfs"], environ={})
+    assert not wanted(["--rootfs", "/r", "--", "true"], environ={})
+    assert not wanted(["--lower", "/l", "--help"], environ={})
+    assert not wanted(["--", "--lower"], environ={})
+    assert not wanted(["--lower", "/l", "--", "true"],
+                      environ={"UNIONFS_RUN_MOUNT_PROGRAM": "/usr/bin/fuse-overlayfs"})
+    assert is_console_run(["/venv/bin/unionfs", "run", "--lower", "/l"])
+    assert not is_console_run(["/venv/bin/unionfs", "mount", "run"])
+    assert not is_console_run(["pytest", "run"])
+
+
+def test_a_usage_error_leaves_no_early_server(lower, state_base):
+    marker = f"early-server-marker-{os.getpid()}"
+    result = run(lower, state_base, "--net", "bogus", "--", "echo", marker)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not processes_mentioning(marker)  # killed and reaped before the runner exits
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.03, 0.08])
+def test_sigkill_of_the_runner_at_start_leaves_no_early_server(lower, state_base, start_runner,
+                                                               delay):
+    marker = f"early-sigkill-marker-{os.getpid()}-{delay}"
+    runner = start_runner(["--lower", lower, "--", "echo", marker],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    runner.kill()
+    runner.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while processes_mentioning(marker) or mounts_matching(state_base):
+        assert time.monotonic() < deadline, "the early server outlived the runner"
+        time.sleep(0.05)
+    for leftover in os.listdir(state_base):
+        shutil.rmtree(os.path.join(state_base, leftover))
+
+
+EARLY_SERVER_DRIVER = """
+import os, sys
+from runner import prestart, union
+from runner.plan import build_plan
+from runner.run import RunError, execute
+mode, lower, doomed = sys.argv[1:]
+if mode == "failing-import":
+    def import_server_modules():
+        raise RuntimeError("no pyfuse3 today")
+    union.import_server_modules = import_server_modules
+plan = build_plan(["/bin/true"], lowers=[doomed if mode == "failing-mount" else lower])
+if mode == "failing-mount":
+    os.rmdir(doomed)  # gone after the plan was checked: the server cannot open it
+prestart.start()
+pid = prestart._pending[0]
+if mode == "claimed":
+    def no_second_server(*args):
+        raise AssertionError("the early server was not used")
+    union._fork_unionfs_server = no_second_server
+elif mode == "gone":
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+try:
+    status = execute(plan)
+except RunError as e:
+    print(e)
+    sys.exit(3)
+print(status)
+"""
+
+
+@pytest.mark.parametrize("mode, status, output", [
+    ("claimed", 0, "0"),
+    ("gone", 0, "0"),   # a server is forked the ordinary way
+    ("failing-mount", 3, "mounting the layers failed: unionfs: lower layer"),
+    ("failing-import", 3, "mounting the layers failed: unionfs server: RuntimeError"),
+])
+def test_the_early_server_serves_or_reports_in_one_line(lower, state_base, tmp_path, mode,
+                                                        status, output):
+    doomed = tmp_path / "doomed-lower"
+    doomed.mkdir()
+    result = subprocess.run([sys.executable, "-c", EARLY_SERVER_DRIVER, mode, lower, str(doomed)],
+                            cwd="/", capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, TMPDIR=state_base))
+    assert result.returncode == status, result.stderr
+    assert result.stdout.startswith(output), result.stdout
+    assert len(result.stdout.splitlines()) == 1 and result.stderr == ""
+    assert not processes_mentioning(EARLY_SERVER_DRIVER.splitlines()[1])
+
+
 def test_startup_bench_returns_records_for_every_contender_it_ran():
     from runner.startup_bench import END_TO_END, PREMOUNTED, format_table, measure_startup
     notes = {}

@@ -7,9 +7,18 @@ errors print one line and exit 2 (usage) or 1 (everything else).
 import importlib
 import sys
 
-import click
+try:
+    from runner import prestart
+except ImportError:  # the runner is not installed
+    pass
+else:
+    # `unionfs run` on layers: start the union server's process now, so that
+    # its imports overlap ours (runner/prestart.py). Does nothing otherwise.
+    prestart.maybe_start()
 
-from .options import MountConfig, OptionError, apply_options
+import click  # noqa: E402 - after the server's process is started
+
+from .options import MountConfig, OptionError, apply_options  # noqa: E402
 
 LAZY_COMMANDS = {
     "run": "runner.cli:run",
