@@ -13,6 +13,7 @@ Debugging aid: UNIONFS_RUN_MOUNT_PROGRAM=/usr/bin/fuse-overlayfs (or any
 program taking `-f -o lowerdir=..,upperdir=..,workdir=.. MNT`) replaces unionfs.
 """
 import os
+import select
 import signal
 import sys
 import time
@@ -146,6 +147,37 @@ def _fork_unionfs_server(request, log_fd):
             os._exit(status)
 
 
+class MountWatch:
+    """Wake up as soon as the mount table changes or the server exits.
+
+    The mount table's file reports POLLPRI after any change to it, and a pidfd
+    POLLIN when its process exits; `wait(timeout)` returns on either, or after
+    `timeout` seconds (the only way left where neither can be opened).
+    Open it before looking at the mount table, so that no change is missed.
+    """
+
+    def __init__(self, pid):
+        self.fds = []
+        self.poll = select.poll()
+        for opener, events in ((lambda: os.open("/proc/self/mountinfo", os.O_RDONLY),
+                                select.POLLPRI),
+                               (lambda: os.pidfd_open(pid), select.POLLIN)):
+            try:
+                fd = opener()
+            except (OSError, AttributeError):
+                continue
+            self.fds.append(fd)
+            self.poll.register(fd, events)
+
+    def wait(self, timeout):
+        self.poll.poll(timeout * 1000)
+
+    def close(self):
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
 def is_mountpoint(path):
     try:
         return os.lstat(path).st_dev != os.lstat(os.path.dirname(path)).st_dev
@@ -187,18 +219,22 @@ class UnionStack:
             os.close(log_fd)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         delay = 0.0005
-        while True:
-            pid, status = os.waitpid(self.server_pid, os.WNOHANG)
-            if pid:
-                self.server_pid = None
-                raise UnionError(f"mounting the layers failed: {self._log_tail()}")
-            if is_mountpoint(self.mountpoint):
-                self.mounted = True
-                return self.mountpoint
-            if time.monotonic() > deadline:
-                raise UnionError(f"the union was not mounted after {MOUNT_TIMEOUT:.0f} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.01)
+        watch = MountWatch(self.server_pid)
+        try:
+            while True:
+                pid, status = os.waitpid(self.server_pid, os.WNOHANG)
+                if pid:
+                    self.server_pid = None
+                    raise UnionError(f"mounting the layers failed: {self._log_tail()}")
+                if is_mountpoint(self.mountpoint):
+                    self.mounted = True
+                    return self.mountpoint
+                if time.monotonic() > deadline:
+                    raise UnionError(f"the union was not mounted after {MOUNT_TIMEOUT:.0f} s")
+                watch.wait(delay)
+                delay = min(delay * 2, 0.01)
+        finally:
+            watch.close()
 
     def _start_server(self, program, log_fd):
         layers = (self.plan.lowers, self.upper, self.work, self.mountpoint)
