@@ -74,6 +74,7 @@ class Union:
             raise ValueError("at least one lower layer is needed")
         self.layers: list[Layer | None] = [None]
         self.work_fd = -1
+        self.temp_pool: copyup.TempPool | None = None
         self._dirfds: OrderedDict = OrderedDict()
         self._listings: OrderedDict = OrderedDict()
         self._listed_names = 0
@@ -86,6 +87,11 @@ class Union:
                 self.layers.append(Layer.open(i, path))
             if upper is not None:
                 self.work_fd = self._open_workdir(work)
+                self.temp_pool = copyup.TempPool(self.work_fd)
+                upper_dev = self.layers[UPPER].dev
+                same_fs = [(layer.dev, upper_dev) for layer in self.layers if layer.dev == upper_dev]
+                if len(same_fs) > 1:    # a lower layer on the upper's filesystem
+                    copyup.probe_reflink(self.work_fd, same_fs)
         except BaseException:
             self.close()
             raise
@@ -138,6 +144,8 @@ class Union:
         for layer in self.layers:
             if layer is not None:
                 layer.close()
+        if self.temp_pool is not None:
+            self.temp_pool.close()
         if self.work_fd >= 0:
             os.close(self.work_fd)
             self.work_fd = -1
@@ -380,9 +388,12 @@ class Union:
         if st is None:
             raise err(errno.ENOENT, node.path())
         dst_dir = self.upper_dirfd(node.parent)
+        devs = (self.layers[src_layer].dev, self.layers[UPPER].dev)
+        clone_only = kind != copyup.META and stat.S_ISREG(st.st_mode) and st.st_size > 0 \
+            and copyup.reflink_expected(devs)
         return copyup.CopyJob(os.dup(src_dir), node.name, os.dup(dst_dir), os.dup(self.work_fd),
-                              st, node.key, self.durable, kind,
-                              (self.layers[src_layer].dev, self.layers[UPPER].dev))
+                              st, node.key, self.durable, kind, devs, clone_only,
+                              self.temp_pool)
 
     def commit_copyup(self, node: Node, job: copyup.CopyJob) -> None:
         """After a copy: the node lives in upper; reopen read-only handles there."""
@@ -407,7 +418,11 @@ class Union:
     def copy_up(self, node: Node, meta_only: bool = False) -> None:
         for n in self.copyup_chain(node, meta_only):
             job = self.copyup_job(n, meta_only)
-            copyup.run(job)
+            try:
+                copyup.run(job)
+            except copyup.NotCloned:
+                job.clone_only = False
+                copyup.run(job)
             self.commit_copyup(n, job)
 
     # ---- helpers for changing the upper --------------------------------------

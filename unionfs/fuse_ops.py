@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
 import pyfuse3
 import trio
@@ -50,9 +51,31 @@ QUICK_COPY_BYTES = 256 << 10
 
 
 def _quick(job) -> bool:
-    if job.kind == copyup.META or not stat.S_ISREG(job.st.st_mode):
+    if job.kind == copyup.META or job.clone_only or not stat.S_ISREG(job.st.st_mode):
         return True
     return not job.durable and job.st.st_size <= QUICK_COPY_BYTES
+
+
+class CopyWorkers:
+    """Threads for copy-ups that live as long as the server. trio's own
+    thread cache lets an idle thread go after 10 s, and starting a thread
+    costs the next copy-up about half a millisecond."""
+
+    def __init__(self, threads: int):
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="copy-up")
+
+    def start(self, fn, *args) -> None:
+        """Run fn in the background; nobody waits for it."""
+        self._pool.submit(fn, *args)
+
+    async def run(self, fn, *args):
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        future = self._pool.submit(fn, *args)
+        future.add_done_callback(lambda _: token.run_sync_soon(done.set))
+        with trio.CancelScope(shield=True):     # the copy finishes even at shutdown
+            await done.wait()
+        return future.result()
 
 
 def caller(ctx) -> Caller:
@@ -67,7 +90,12 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.u = union
         self._copy_locks: dict[int, trio.Lock] = {}
-        self._limiter = trio.CapacityLimiter(copy_threads)
+        self._workers = CopyWorkers(copy_threads)
+        self._refill_temp_pool()
+
+    def _refill_temp_pool(self):
+        if self.u.temp_pool is not None and self.u.temp_pool.wanted():
+            self._workers.start(self.u.temp_pool.refill)
 
     # ---- attributes -------------------------------------------------------
 
@@ -105,12 +133,17 @@ class Operations(pyfuse3.Operations):
                 if n in self.u.copyup_chain(n, meta_only):
                     job = self.u.copyup_job(n, meta_only)
                     if _quick(job):
-                        copyup.run(job)
+                        try:
+                            copyup.run(job)
+                        except copyup.NotCloned:
+                            job.clone_only = False
+                            await self._workers.run(copyup.run, job)
                     else:
-                        await trio.to_thread.run_sync(copyup.run, job, limiter=self._limiter)
+                        await self._workers.run(copyup.run, job)
                     self.u.commit_copyup(n, job)
             if not lock.statistics().tasks_waiting:
                 self._copy_locks.pop(n.ino, None)
+        self._refill_temp_pool()
 
     def _invalidate_attrs(self):
         """A copy-up changes attributes the kernel has cached (ctime, a
