@@ -609,6 +609,23 @@ def test_sigkill_of_the_runner_at_start_leaves_no_early_server(lower, state_base
         shutil.rmtree(os.path.join(state_base, leftover))
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.03, 0.06, 0.1, 0.15])
+def test_sigterm_to_the_runner_at_start_leaves_nothing(lower, state_base, start_runner, delay):
+    # Before the runner's handlers exist SIGTERM simply kills it (nothing was
+    # created yet); afterwards it tears down whatever the start got to.
+    marker = f"early-sigterm-marker-{os.getpid()}-{delay}"
+    runner = start_runner(["--lower", lower, "--", "sleep", "1", marker],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while processes_mentioning(marker):
+        assert time.monotonic() < deadline, "a process outlived the runner"
+        time.sleep(0.05)
+    # state_base's teardown checks mounts and state dirs.
+
+
 EARLY_SERVER_DRIVER = """
 import os, sys
 from runner import prestart, union
