@@ -88,8 +88,8 @@ class Union:
             if upper is not None:
                 self.work_fd = self._open_workdir(work)
                 self.temp_pool = copyup.TempPool(self.work_fd)
-                upper_dev = self.layers[UPPER].dev
-                same_fs = [(layer.dev, upper_dev) for layer in self.layers if layer.dev == upper_dev]
+                dev = self.layers[UPPER].dev
+                same_fs = [(layer.dev, dev) for layer in self.layers if layer.dev == dev]
                 if len(same_fs) > 1:    # a lower layer on the upper's filesystem
                     copyup.probe_reflink(self.work_fd, same_fs)
         except BaseException:

@@ -8,10 +8,10 @@ d_ino, and finally the target's upper (plus the lowers) remounted under the
 kernel, which must show the target's merged view. `first_divergence` bisects
 an end-of-run divergence down to the op that caused it.
 """
+import contextlib
 import os
 import random
 import shutil
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
