@@ -40,8 +40,10 @@ def temp_name() -> bytes:
 class TempPool:
     """Empty files and directories made ahead of need in the workdir.
 
-    Allocating an inode costs 150-250 us of CPU on this host's ext4 and XFS;
-    a copy-up that takes a ready one does not wait for that. The pool is
+    Allocating an inode can cost 150-250 us of CPU: ext4 without a journal
+    (this host's) skips recently deleted inodes, reading each one's inode
+    block, and XFS may have to allocate an inode chunk. A copy-up that takes
+    a ready one does not wait for that. The pool is
     refilled off the request path (refill() runs in a worker thread); an
     empty pool just means the copy-up creates its own. Pool entries are
     workdir litter like any other: removed at unmount, and by clean_workdir
