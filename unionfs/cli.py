@@ -18,7 +18,8 @@ else:
 
 import click  # noqa: E402 - after the server's process is started
 
-from .options import MountConfig, OptionError, apply_options  # noqa: E402
+# unionfs.options (with dataclasses) is imported where it is used: `unionfs run`
+# does not need it.
 
 LAZY_COMMANDS = {
     "run": "runner.cli:run",
@@ -53,7 +54,7 @@ def main():
     """unionfs: a layered (union) filesystem in userspace."""
 
 
-def _start(cfg: MountConfig) -> None:
+def _start(cfg) -> None:
     from .mount import MountError, start
     try:
         status = start(cfg)
@@ -76,6 +77,7 @@ def _start(cfg: MountConfig) -> None:
 @click.argument("mountpoint", type=click.Path())
 def mount_cmd(lowers, upper, work, options, foreground, debug, mountpoint):
     """Mount a layer stack at MOUNTPOINT; returns once the mount is live."""
+    from .options import MountConfig, OptionError, apply_options
     cfg = MountConfig(lowers=list(lowers), upper=upper, work=work, mountpoint=mountpoint,
                       foreground=foreground, debug=debug)
     try:
@@ -109,6 +111,7 @@ podman's mount_program).
 def fuse_main(argv=None) -> None:
     """`fuse-unionfs`: fuse-overlayfs's argument conventions, parsed by hand
     because `-o` may come before or after the positional arguments."""
+    from .options import MountConfig, OptionError, apply_options
     argv = sys.argv[1:] if argv is None else argv
     cfg = MountConfig()
     positional = []
