@@ -176,8 +176,9 @@ def contenders(setup):
             "runc", "--root", state, "run", "--bundle", bundle, f"startup-{os.getpid()}-{rep}"]))
     found.append(Contender("unionfs-run", PREMOUNTED, lambda rep: [
         UNIONFS, "run", "--rootfs", mnt, "--", "/bin/true"]))
-    # The same CLI without `site` (whose editable-install hook costs ~50 ms
-    # here): what a plain, non-editable install could start like.
+    # The same CLI without `site`: what `site` still costs. (With the
+    # default editable install its import hook cost 10-50 ms; scripts/setup.sh
+    # installs in compat mode, a plain path entry, since then.)
     found.append(Contender("unionfs-run(python -S)", PREMOUNTED, lambda rep: [
         sys.executable, "-S", "-c", NO_SITE_MAIN, "run", "--rootfs", mnt, "--", "/bin/true"]))
 
@@ -261,6 +262,34 @@ def format_table(records):
     return "\n".join(lines)
 
 
+def stale_bytecode(packages=("unionfs", "runner")):
+    """The project's modules whose bytecode cache is missing or out of date.
+
+    With PYTHONDONTWRITEBYTECODE set, each of them is compiled again by every
+    process that imports it, which the timings then include.
+    """
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stale = []
+    for package in packages:
+        for name in sorted(os.listdir(os.path.join(root, package))):
+            if not name.endswith(".py"):
+                continue
+            source = os.path.join(root, package, name)
+            try:
+                with open(importlib.util.cache_from_source(source), "rb") as f:
+                    header = f.read(16)
+                st = os.stat(source)
+                fresh = (int.from_bytes(header[4:8], "little") == 0
+                         and int.from_bytes(header[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+                         and int.from_bytes(header[12:16], "little") == st.st_size & 0xFFFFFFFF)
+            except OSError:
+                fresh = False
+            if not fresh:
+                stale.append(f"{package}/{name}")
+    return stale
+
+
 @click.command()
 @click.option("--reps", default=15, show_default=True, help="Timed rounds (median reported).")
 @click.option("--rootfs", type=click.Path(exists=True, file_okay=False),
@@ -268,6 +297,11 @@ def format_table(records):
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines too.")
 def main(reps, rootfs, as_json):
     """Time `/bin/true` under unionfs run and its peers; print a table."""
+    stale = stale_bytecode()
+    if stale and sys.dont_write_bytecode:
+        click.echo(f"note: PYTHONDONTWRITEBYTECODE is set and {len(stale)} modules have no "
+                   f"up-to-date bytecode ({', '.join(stale)}): every run compiles them "
+                   "(`python -m compileall unionfs runner` refreshes the caches)")
     notes = {}
     records = measure_startup(reps, rootfs and os.path.abspath(rootfs), notes=notes)
     click.echo(format_table(records))
