@@ -44,6 +44,10 @@ if [ ! -e "$stamp" ]; then
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
+# Bytecode for our own modules (an editable install gets none, and with
+# PYTHONDONTWRITEBYTECODE set, as here, every start would compile them again:
+# ~27 ms for a server); only stale files are rewritten.
+"$VENV/bin/python" -m compileall -q "$here/unionfs" "$here/runner" "$here/bench" >/dev/null
 for prog in unionfs fuse-unionfs; do
   ln -sfn "$VENV/bin/$prog" "/usr/local/bin/$prog"
 done
