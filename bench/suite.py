@@ -2,14 +2,18 @@
 
 For every configuration (the stack on the host filesystem, and a copy on a
 loop-mounted XFS image with reflink), every workload and every repetition,
-each target gets a fresh upper and a fresh mount; the order of targets rotates
-from one repetition to the next. A workload runs in a forked child (never in
+each target gets a fresh upper and a fresh mount; the targets run in a
+shuffled order that changes with every repetition (seeded: the same run order
+for the same targets), so that no target always follows the same neighbour
+(a rotation would keep neighbours: whatever one leaves behind, say 1 GiB of
+blocks to free, would always land on the same next one). A workload runs in a forked child (never in
 the FUSE server's process) with a timeout, so a hung server costs one record,
 not the run. Records are appended to records.jsonl as they are made.
 """
 import dataclasses
 import json
 import os
+import random
 import select
 import shutil
 import signal
@@ -359,11 +363,12 @@ class Suite:
             self.total_runs -= 1 + sum(self.heavy_reps if w.heavy else self.reps
                                        for w in config.workloads)
             self.log(f"{config.name}: skipping {target.name}: {reason}")
-        for index, workload in enumerate(config.workloads):
+        for workload in config.workloads:
             reps = self.heavy_reps if workload.heavy else self.reps
             for rep in range(reps):
-                shift = (rep + index) % max(1, len(active))
-                for target in active[shift:] + active[:shift]:
+                order = list(active)
+                random.Random(f"{workload.name}/{rep}").shuffle(order)
+                for target in order:
                     label = f"{config.name} {workload.name} rep {rep + 1}/{reps} {target.name}"
                     try:
                         summary = self.run_once(config, target, workload, rep)

@@ -197,16 +197,44 @@ class UnionfsFuse(Target):
                 return line.split(":", 1)[-1].strip()
         return "?"
 
+    def __init__(self):
+        super().__init__()
+        self.read_only_binds = []
+
     def mount(self, layers, upper, work, mnt):
-        branches = ":".join([f"{upper}=RW"] + [f"{layer}=RO" for layer in layers])
-        _run([self.program, "-o", "cow,allow_other,use_ino,suid,dev,nonempty", branches, mnt])
-        self._after_fuse_mount(mnt)
+        # Its lower branches are read-only bind mounts: under concurrent
+        # copy-ups unionfs-fuse was seen appending to a file of a "RO" branch,
+        # and its layers hard-link the stack's shared ones.
+        self.read_only_binds = []
+        try:
+            for i, layer in enumerate(layers):
+                ro = os.path.join(work, f"ro-{i}")
+                os.mkdir(ro)
+                _run(["mount", "--bind", layer, ro])
+                self.read_only_binds.append(ro)
+                _run(["mount", "-o", "remount,bind,ro", ro])
+            branches = ":".join([f"{upper}=RW"] + [f"{ro}=RO" for ro in self.read_only_binds])
+            _run([self.program, "-o", "cow,allow_other,use_ino,suid,dev,nonempty", branches, mnt])
+            self._after_fuse_mount(mnt)
+        except BaseException:
+            self._drop_binds(lazy=True)
+            raise
 
     def unmount(self, mnt):
         # unionfs-fuse is built on libfuse 2
         tool = "fusermount" if shutil.which("fusermount") else "fusermount3"
         _run([tool, "-u", mnt])
         self._wait_server_exit()
+        self._drop_binds()
+
+    def force_cleanup(self, mnt):
+        super().force_cleanup(mnt)
+        self._drop_binds(lazy=True)
+
+    def _drop_binds(self, lazy=False):
+        while self.read_only_binds:
+            subprocess.run(["umount", *(["-l"] if lazy else []), self.read_only_binds.pop()],
+                           stderr=subprocess.DEVNULL)
 
 
 class Unionfs(Target):
