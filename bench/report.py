@@ -120,7 +120,7 @@ def write_summary(records, out_dir, run_info):
                  f"regular files), {'quick' if run_info.get('quick') else 'full'} run")
     lines.append(f"- repetitions: {run_info.get('reps')} "
                  f"(workloads on the largest file: {run_info.get('heavy_reps')}); "
-                 f"a fresh mount and upper for every run; targets interleaved in rotating order")
+                 f"a fresh mount and upper for every run; targets interleaved in a shuffled order per repetition")
     lines.append(f"- wall time: {run_info.get('elapsed_s', 0):.0f} s")
     lines.append("- cells: median (min–max); ratios: median / median of the same metric "
                  "for kernel overlayfs and fuse-overlayfs in this run (below 1 = faster)")
