@@ -43,40 +43,45 @@ class TempPool:
     Allocating an inode can cost 150-250 us of CPU: ext4 without a journal
     (this host's) skips recently deleted inodes, reading each one's inode
     block, and XFS may have to allocate an inode chunk. A copy-up that takes
-    a ready one does not wait for that. The pool is
-    refilled off the request path (refill() runs in a worker thread); an
-    empty pool just means the copy-up creates its own. Pool entries are
+    a ready one does not wait for that. The pool is refilled off the request
+    path (refill() runs in a worker thread); an empty pool just means the
+    copy-up creates its own. Pool entries are
     workdir litter like any other: removed at unmount, and by clean_workdir
     after a crash."""
 
-    FILES, DIRS = 32, 8
+    # A few at mount (filling costs CPU that the first requests of a fresh
+    # mount would feel); more once copy-ups show they are needed.
+    START = (4, 2)
+    FULL = (32, 8)
 
     def __init__(self, work_dir: int):
         self.work_dir = work_dir
         self.files: deque = deque()
         self.dirs: deque = deque()
+        self.want_files, self.want_dirs = self.START
         self._refilling = threading.Lock()
         self._closed = False
 
     def take(self, is_dir: bool) -> bytes | None:
+        self.want_files, self.want_dirs = self.FULL
         try:
             return (self.dirs if is_dir else self.files).popleft()
         except IndexError:
             return None
 
     def wanted(self) -> bool:
-        return not self._closed and (len(self.files) <= self.FILES // 2
-                                     or len(self.dirs) <= self.DIRS // 2)
+        return not self._closed and (len(self.files) <= self.want_files // 2
+                                     or len(self.dirs) <= self.want_dirs // 2)
 
     def refill(self) -> None:
         if not self._refilling.acquire(blocking=False):
             return      # another refill is under way
         try:
-            while not self._closed and len(self.dirs) < self.DIRS:
+            while not self._closed and len(self.dirs) < self.want_dirs:
                 name = temp_name()
                 os.mkdir(name, 0o700, dir_fd=self.work_dir)
                 self.dirs.append(name)
-            while not self._closed and len(self.files) < self.FILES:
+            while not self._closed and len(self.files) < self.want_files:
                 name = temp_name()
                 os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                  0o600, dir_fd=self.work_dir))
