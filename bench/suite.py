@@ -5,7 +5,7 @@ loop-mounted XFS image with reflink), every workload and every repetition,
 each target gets a fresh upper and a fresh mount; the targets run in a
 shuffled order that changes with every repetition (seeded: the same run order
 for the same targets), so that no target always follows the same neighbour
-(a rotation would keep neighbours: whatever one leaves behind, say 1 GiB of
+(a rotation keeps neighbours: whatever one run leaves behind, say 1 GiB of
 blocks to free, would always land on the same next one). A workload runs in a forked child (never in
 the FUSE server's process) with a timeout, so a hung server costs one record,
 not the run. Records are appended to records.jsonl as they are made.
