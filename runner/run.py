@@ -70,10 +70,13 @@ def execute(plan, announce=None):
         forwarded.append(signum)
         os.kill(keeper, signum)  # the keeper kills PID 1 after its grace period
 
-    previous = {s: signal.signal(s, on_signal) for s in sandbox.FORWARDED_SIGNALS}
+    previous = {}
     stack = None
     terminal = None
     try:
+        # inside the try: a signal right after its handler is set is an Interrupted too
+        for signum in sandbox.FORWARDED_SIGNALS:
+            previous[signum] = signal.signal(signum, on_signal)
         if plan.rootfs is not None:
             root = plan.rootfs
         else:

@@ -615,10 +615,11 @@ def test_sigterm_to_the_runner_at_start_leaves_nothing(lower, state_base, start_
     # created yet); afterwards it tears down whatever the start got to.
     marker = f"early-sigterm-marker-{os.getpid()}-{delay}"
     runner = start_runner(["--lower", lower, "--", "sleep", "1", marker],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     runner.send_signal(signal.SIGTERM)
-    assert runner.wait(timeout=30) in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    _, stderr = runner.communicate(timeout=30)
+    assert runner.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), stderr
     deadline = time.monotonic() + 30
     while processes_mentioning(marker):
         assert time.monotonic() < deadline, "a process outlived the runner"
