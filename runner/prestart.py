@@ -121,20 +121,8 @@ def _kill_and_reap(pid):
 
 
 def _child(read_fd, parent):
-    status = 1
-    try:
-        status = _serve_when_claimed(read_fd, parent)
-    except BaseException as e:  # noqa: BLE001 - never return into the runner's code
-        try:
-            os.write(2, f"unionfs server: {e!r}\n".encode())
-        except OSError:
-            pass
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(status)
+    from .union import exit_child
+    exit_child(lambda: _serve_when_claimed(read_fd, parent))
 
 
 def _serve_when_claimed(read_fd, parent):

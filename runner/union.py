@@ -125,20 +125,33 @@ def _fork_unionfs_server(request, log_fd):
     pid = os.fork()
     if pid:
         return pid
-    status = 1
-    try:
+
+    def server():
         # Should the runner die without its teardown (SIGKILL), SIGTERM makes
         # the server unmount and exit instead of lingering.
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != runner:
-            os._exit(1)
+            return 1
         os.setsid()
         become_server_process()
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        status = serve(request)
-    except BaseException as e:  # noqa: BLE001 - report it in the log, never return
-        os.write(2, f"unionfs server: {e!r}\n".encode())
+        return serve(request)
+    exit_child(server)
+
+
+def exit_child(body):
+    """In a forked child: run body() and leave with its status, whatever
+    happens (an error is reported on stderr: the server's log); never return
+    into the runner's code."""
+    status = 1
+    try:
+        status = body()
+    except BaseException as e:  # noqa: BLE001 - report it, never return
+        try:
+            os.write(2, f"unionfs server: {e!r}\n".encode())
+        except OSError:
+            pass
     finally:
         try:
             sys.stdout.flush()
