@@ -85,16 +85,18 @@ def _md_table(header, rows):
     return "\n".join(out)
 
 
+def _ratioed_keys(table, config):
+    """The keys of one configuration's ratioed metrics, and their groups in order."""
+    keys = [k for k in table.order if k[0] == config and k[3] not in NOT_RATIOED
+            and k[2] != "correctness"]
+    return keys, list(dict.fromkeys(k[1] for k in keys))
+
+
 def _overview(table):
     """Per configuration and group: the geometric mean of each target's ratios to the kernel."""
     rows = []
     for config in table.configs:
-        keys = [k for k in table.order if k[0] == config and k[3] not in NOT_RATIOED
-                and k[2] != "correctness"]
-        groups = []
-        for k in keys:
-            if k[1] not in groups:
-                groups.append(k[1])
+        keys, groups = _ratioed_keys(table, config)
         for group in groups:
             row = [config, group]
             for impl in table.impls:
@@ -120,7 +122,8 @@ def write_summary(records, out_dir, run_info):
                  f"regular files), {'quick' if run_info.get('quick') else 'full'} run")
     lines.append(f"- repetitions: {run_info.get('reps')} "
                  f"(workloads on the largest file: {run_info.get('heavy_reps')}); "
-                 f"a fresh mount and upper for every run; targets interleaved in a shuffled order per repetition")
+                 "a fresh mount and upper for every run; "
+                 "targets interleaved in a shuffled order per repetition")
     lines.append(f"- wall time: {run_info.get('elapsed_s', 0):.0f} s")
     lines.append("- cells: median (min–max); ratios: median / median of the same metric "
                  "for kernel overlayfs and fuse-overlayfs in this run (below 1 = faster)")
@@ -214,12 +217,7 @@ def write_charts(records, out_dir):
     table = Table(records)
     written = []
     for config in table.configs:
-        keys = [k for k in table.order if k[0] == config and k[3] not in NOT_RATIOED
-                and k[2] != "correctness"]
-        groups = []
-        for k in keys:
-            if k[1] not in groups:
-                groups.append(k[1])
+        keys, groups = _ratioed_keys(table, config)
         for group in groups:
             gkeys = [k for k in keys if k[1] == group]
             impls = [i for i in table.impls if i != "overlay"
