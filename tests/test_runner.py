@@ -614,7 +614,8 @@ def test_sigterm_to_the_runner_at_start_leaves_nothing(lower, state_base, start_
     # Before the runner's handlers exist SIGTERM simply kills it (nothing was
     # created yet); afterwards it tears down whatever the start got to.
     marker = f"early-sigterm-marker-{os.getpid()}-{delay}"
-    runner = start_runner(["--lower", lower, "--", "sleep", "1", marker],
+    # the marker rides as sh's $0: busybox sleep would refuse it as an argument
+    runner = start_runner(["--lower", lower, "--", "sh", "-c", "sleep 10", marker],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     runner.send_signal(signal.SIGTERM)
