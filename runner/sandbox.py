@@ -23,8 +23,9 @@ path.
 import os
 import signal
 
+from unionfs.sys import libc
+
 from . import init as pid1
-from . import libc
 from .plan import DEVICES
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

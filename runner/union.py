@@ -18,7 +18,9 @@ import signal
 import sys
 import time
 
-from . import libc, prestart
+from unionfs.sys import libc
+
+from . import prestart
 
 MOUNT_PROGRAM_ENV = "UNIONFS_RUN_MOUNT_PROGRAM"
 MOUNT_TIMEOUT = 30.0
@@ -74,8 +76,8 @@ def serve(request):
 
     Runs in the server's own process, with stdout and stderr on the log.
     """
-    from unionfs.mount import MountError, start
-    from unionfs.options import MountConfig
+    from unionfs.serve.mount import MountError, start
+    from unionfs.serve.options import MountConfig
     mountpoint, upper, work, *lowers = request
     cfg = MountConfig(lowers=lowers, upper=upper or None, work=work or None,
                       mountpoint=mountpoint, foreground=True)
@@ -91,8 +93,8 @@ def import_server_modules():
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
 
-    import unionfs.fuse_ops  # noqa: F401
-    import unionfs.mount  # noqa: F401
+    import unionfs.fuse.ops  # noqa: F401
+    import unionfs.serve.mount  # noqa: F401
 
 
 def become_server_process():

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from unionfs import copyup
-from unionfs.core import Union
-from unionfs.inodes import ROOT_INO
+from unionfs.fs import copyup
+from unionfs.fs.core import Union
+from unionfs.fs.inodes import ROOT_INO
 
 MIB = 1 << 20
 

@@ -5,9 +5,9 @@ import stat
 
 import pytest
 
-from unionfs import whiteout
-from unionfs.core import Caller, Union
-from unionfs.inodes import ROOT_INO
+from unionfs.fs import whiteout
+from unionfs.fs.core import Caller, Union
+from unionfs.fs.inodes import ROOT_INO
 
 
 @pytest.fixture

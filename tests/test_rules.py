@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from unionfs import layers, whiteout
+from unionfs.fs import layers, whiteout
 
 
 def dirfd(path):

@@ -18,7 +18,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from . import sysc, whiteout
+from ..sys import libc
+from . import whiteout
 from .inodes import pack_key
 
 # Our bookkeeping xattrs live where the server may write them: trusted.* as
@@ -168,7 +169,7 @@ def probe_reflink(work_dir: int, devs: tuple) -> bool:
             fds.append(os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                                dir_fd=work_dir))
         os.pwrite(fds[0], b"\0" * 4096, 0)
-        fcntl.ioctl(fds[1], sysc.FICLONE, fds[0])
+        fcntl.ioctl(fds[1], libc.FICLONE, fds[0])
         ok = True
     except OSError:
         ok = False
@@ -188,7 +189,7 @@ def copy_data(src: int, dst: int, size: int, blocks: int | None = None,
     filesystems that cannot reflink. True when the data was reflinked."""
     if devs not in _NO_REFLINK:
         try:
-            fcntl.ioctl(dst, sysc.FICLONE, src)
+            fcntl.ioctl(dst, libc.FICLONE, src)
             _REFLINK.add(devs)
             return True
         except OSError:
@@ -298,7 +299,7 @@ def _run(job: CopyJob) -> None:
             if job.kind == META:
                 os.ftruncate(fd, st.st_size)
             else:
-                src = sysc.openat2(job.src_dir, job.name, os.O_RDONLY | os.O_NOFOLLOW)
+                src = libc.openat2(job.src_dir, job.name, os.O_RDONLY | os.O_NOFOLLOW)
                 try:
                     shared_data = copy_data(src, fd, st.st_size,
                                             None if job.kind == DATA else st.st_blocks, job.devs,
@@ -332,8 +333,8 @@ def _run(job: CopyJob) -> None:
     parent_st = os.stat(parent)
     try:
         # completing a metacopy replaces the upper file; anything else is new there
-        flags = 0 if job.kind == DATA else sysc.RENAME_NOREPLACE
-        sysc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, flags)
+        flags = 0 if job.kind == DATA else libc.RENAME_NOREPLACE
+        libc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, flags)
     except BaseException:
         remove_tree(job.work_dir, tmp)
         raise
@@ -365,7 +366,7 @@ def remove_tree(dirfd: int, name: bytes) -> None:
     except (IsADirectoryError, PermissionError, OSError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.EISDIR, errno.EPERM):
             raise
-    sub = sysc.openat2(dirfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    sub = libc.openat2(dirfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         for child in os.listdir(sub):
             remove_tree(sub, os.fsencode(child))

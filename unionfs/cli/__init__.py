@@ -55,7 +55,7 @@ def main():
 
 
 def _start(cfg) -> None:
-    from .mount import MountError, start
+    from ..serve.mount import MountError, start
     try:
         status = start(cfg)
     except MountError as e:
@@ -77,7 +77,7 @@ def _start(cfg) -> None:
 @click.argument("mountpoint", type=click.Path())
 def mount_cmd(lowers, upper, work, options, foreground, debug, mountpoint):
     """Mount a layer stack at MOUNTPOINT; returns once the mount is live."""
-    from .options import MountConfig, OptionError, apply_options
+    from ..serve.options import MountConfig, OptionError, apply_options
     cfg = MountConfig(lowers=list(lowers), upper=upper, work=work, mountpoint=mountpoint,
                       foreground=foreground, debug=debug)
     try:
@@ -92,7 +92,7 @@ def mount_cmd(lowers, upper, work, options, foreground, debug, mountpoint):
 @click.argument("mountpoint", type=click.Path())
 def umount_cmd(mountpoint):
     """Unmount a unionfs mount (the server then exits)."""
-    from .mount import MountError, unmount
+    from ..serve.mount import MountError, unmount
     try:
         unmount(mountpoint)
     except MountError as e:
@@ -111,7 +111,7 @@ podman's mount_program).
 def fuse_main(argv=None) -> None:
     """`fuse-unionfs`: fuse-overlayfs's argument conventions, parsed by hand
     because `-o` may come before or after the positional arguments."""
-    from .options import MountConfig, OptionError, apply_options
+    from ..serve.options import MountConfig, OptionError, apply_options
     argv = sys.argv[1:] if argv is None else argv
     cfg = MountConfig()
     positional = []

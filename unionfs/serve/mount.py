@@ -112,7 +112,7 @@ def fuse_options(cfg: MountConfig) -> set:
 
 
 def _open_union(cfg: MountConfig):
-    from .core import Union
+    from ..fs.core import Union
     try:
         return Union(cfg.lowers, cfg.upper, cfg.work, whiteout_format=cfg.whiteout_format,
                      durable=not cfg.volatile, metacopy=cfg.metacopy)
@@ -125,7 +125,7 @@ def _serve(cfg: MountConfig, ready_fd: int | None) -> int:
     import pyfuse3
     import trio
 
-    from .fuse_ops import Operations
+    from ..fuse.ops import Operations
 
     def report(msg: bytes):
         if ready_fd is not None:

@@ -10,7 +10,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import sysc, whiteout
+from ..sys import libc
+from . import whiteout
 
 # errors that mean "not in this layer" when probing a path
 ABSENT_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV, errno.ENAMETOOLONG)
@@ -36,7 +37,7 @@ class Layer:
 
     def open_dir(self, relpath: bytes) -> int:
         """An O_PATH fd of directory relpath inside this layer; OSError if none."""
-        return sysc.openat2(self.fd, relpath or b".",
+        return libc.openat2(self.fd, relpath or b".",
                             os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
 
 

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyfuse3
 import trio
 
-from . import copyup
-from .core import Caller, Union
+from ..fs import copyup
+from ..fs.core import Caller, Union
 
 log = logging.getLogger("unionfs")
 

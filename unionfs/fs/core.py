@@ -14,7 +14,8 @@ import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from . import copyup, sysc, whiteout
+from ..sys import libc
+from . import copyup, whiteout
 from .inodes import ROOT_INO, Node, NodeTable, unpack_key
 from .layers import ABSENT_ERRNOS, Layer, layer_names, list_names, lower_positive, lstat_at, probe
 
@@ -128,7 +129,7 @@ class Union:
                 os.mkdir(b"work", 0o700, dir_fd=wfd)
             except FileExistsError:
                 pass
-            fd = sysc.openat2(wfd, b"work", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            fd = libc.openat2(wfd, b"work", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         finally:
             os.close(wfd)
         copyup.clean_workdir(fd)
@@ -429,7 +430,7 @@ class Union:
 
     def _open_upper(self, node: Node, flags: int, mode: int = 0) -> int:
         dfd = self.upper_dirfd(node.parent)
-        return sysc.openat2(dfd, node.name, flags | os.O_NOFOLLOW, mode)
+        return libc.openat2(dfd, node.name, flags | os.O_NOFOLLOW, mode)
 
     def _child(self, parent: Node, name: bytes):
         """(found, node-or-None) for an existing child, without counting a lookup."""
@@ -482,17 +483,17 @@ class Union:
         try:
             fd = self._make(where, wname, kind, mode, uid, gid, target, rdev, open_flags)
             if opaque:
-                ofd = sysc.openat2(where, wname, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+                ofd = libc.openat2(where, wname, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
                 try:
                     whiteout.make_opaque(ofd, self.fmt)
                 finally:
                     os.close(ofd)
             if via_work:
                 if over_whiteout:
-                    sysc.renameat2(where, wname, udfd, name, sysc.RENAME_EXCHANGE)
+                    libc.renameat2(where, wname, udfd, name, libc.RENAME_EXCHANGE)
                     os.unlink(wname, dir_fd=where)      # the old whiteout
                 else:
-                    sysc.renameat2(where, wname, udfd, name, sysc.RENAME_NOREPLACE)
+                    libc.renameat2(where, wname, udfd, name, libc.RENAME_NOREPLACE)
         except BaseException:
             if fd is not None:
                 os.close(fd)
@@ -602,7 +603,7 @@ class Union:
             tmp = copyup.temp_name()
             os.link(node.name, tmp, src_dir_fd=src_dir, dst_dir_fd=self.work_fd,
                     follow_symlinks=False)
-            sysc.renameat2(self.work_fd, tmp, udfd, new_name, sysc.RENAME_EXCHANGE)
+            libc.renameat2(self.work_fd, tmp, udfd, new_name, libc.RENAME_EXCHANGE)
             os.unlink(tmp, dir_fd=self.work_fd)
         else:
             os.link(node.name, new_name, src_dir_fd=src_dir, dst_dir_fd=udfd,
@@ -621,13 +622,13 @@ class Union:
         if present and needs_whiteout and self.fmt == whiteout.FORMAT_KERNEL:
             # move it out and leave a whiteout in one step
             tmp = copyup.temp_name()
-            sysc.renameat2(udfd, name, self.work_fd, tmp, sysc.RENAME_WHITEOUT)
+            libc.renameat2(udfd, name, self.work_fd, tmp, libc.RENAME_WHITEOUT)
             copyup.remove_tree(self.work_fd, tmp)
             return
         if present:
             if is_dir:
                 tmp = copyup.temp_name()
-                sysc.renameat2(udfd, name, self.work_fd, tmp, sysc.RENAME_NOREPLACE)
+                libc.renameat2(udfd, name, self.work_fd, tmp, libc.RENAME_NOREPLACE)
                 copyup.remove_tree(self.work_fd, tmp)
             else:
                 os.unlink(name, dir_fd=udfd)
@@ -708,8 +709,8 @@ class Union:
         return stat.S_ISDIR(found.st.st_mode) and (found.layer != UPPER or len(found.layers) > 1)
 
     def rename(self, old_parent_ino, old_name, new_parent_ino, new_name, flags=0):
-        if flags & ~(sysc.RENAME_NOREPLACE | sysc.RENAME_EXCHANGE) or \
-                flags == sysc.RENAME_NOREPLACE | sysc.RENAME_EXCHANGE:
+        if flags & ~(libc.RENAME_NOREPLACE | libc.RENAME_EXCHANGE) or \
+                flags == libc.RENAME_NOREPLACE | libc.RENAME_EXCHANGE:
             raise err(errno.EINVAL)
         old_parent = self.node(old_parent_ino)
         new_parent = self.node(new_parent_ino)
@@ -718,10 +719,10 @@ class Union:
         if src is None:
             raise err(errno.ENOENT, old_name)
         dst_found, dst = self._child(new_parent, new_name)
-        exchange = bool(flags & sysc.RENAME_EXCHANGE)
+        exchange = bool(flags & libc.RENAME_EXCHANGE)
         if exchange and dst is None:
             raise err(errno.ENOENT, new_name)
-        if dst is not None and flags & sysc.RENAME_NOREPLACE:
+        if dst is not None and flags & libc.RENAME_NOREPLACE:
             raise err(errno.EEXIST, new_name)
         if dst is src and not exchange:
             return      # the same file under both names: nothing to do
@@ -751,7 +752,7 @@ class Union:
             self.copy_up(dst)
             if dst.kind == stat.S_IFDIR and self._lower_positive(old_parent, old_name):
                 self._make_opaque(new_dfd, new_name, dst)
-            sysc.renameat2(old_dfd, old_name, new_dfd, new_name, sysc.RENAME_EXCHANGE)
+            libc.renameat2(old_dfd, old_name, new_dfd, new_name, libc.RENAME_EXCHANGE)
             self._unname(src, old_parent, old_name)
             self._unname(dst, new_parent, new_name)
             self._name_node(src, new_parent, new_name)
@@ -762,14 +763,14 @@ class Union:
         if dst_ust is not None and stat.S_ISDIR(dst_ust.st_mode):
             # the upper target may hold whiteouts of its (empty) merged view
             tmp = copyup.temp_name()
-            sysc.renameat2(new_dfd, new_name, self.work_fd, tmp, sysc.RENAME_NOREPLACE)
+            libc.renameat2(new_dfd, new_name, self.work_fd, tmp, libc.RENAME_NOREPLACE)
             copyup.remove_tree(self.work_fd, tmp)
         elif dst_ust is not None and src_is_dir:
             # a whiteout under the target name: a directory cannot replace it
             os.unlink(new_name, dir_fd=new_dfd)
-        rflags = sysc.RENAME_WHITEOUT if (src_needs_whiteout and
+        rflags = libc.RENAME_WHITEOUT if (src_needs_whiteout and
                                           self.fmt == whiteout.FORMAT_KERNEL) else 0
-        sysc.renameat2(old_dfd, old_name, new_dfd, new_name, rflags)
+        libc.renameat2(old_dfd, old_name, new_dfd, new_name, rflags)
         if src_needs_whiteout and not rflags:
             whiteout.make_whiteout(old_dfd, old_name, self.fmt)
         if self.fmt == whiteout.FORMAT_OCI and not src_is_dir:
@@ -780,7 +781,7 @@ class Union:
         self._name_node(src, new_parent, new_name)
 
     def _make_opaque(self, dirfd: int, name: bytes, node: Node) -> None:
-        fd = sysc.openat2(dirfd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+        fd = libc.openat2(dirfd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             whiteout.make_opaque(fd, self.fmt)
         finally:
@@ -834,7 +835,7 @@ class Union:
         if size is not None:
             if node.kind != stat.S_IFREG:
                 raise err(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
-            fd = sysc.openat2(dfd, name, os.O_WRONLY | os.O_NOFOLLOW)
+            fd = libc.openat2(dfd, name, os.O_WRONLY | os.O_NOFOLLOW)
             try:
                 os.ftruncate(fd, size)
             finally:
@@ -920,12 +921,12 @@ class Union:
                 self._kill_suid(node)
         oflags = (flags & OPEN_PASS) | os.O_CLOEXEC
         if node.data_layer is not None:     # a metacopy: its data is still below
-            fd = sysc.openat2(self.dirfd(node.parent, node.data_layer), node.name,
+            fd = libc.openat2(self.dirfd(node.parent, node.data_layer), node.name,
                               oflags | os.O_NOFOLLOW)
         elif node.layer == UPPER:
             fd = self._open_upper(node, oflags)
         else:
-            fd = sysc.openat2(self.dirfd(node.parent, node.layer), node.name,
+            fd = libc.openat2(self.dirfd(node.parent, node.layer), node.name,
                               oflags | os.O_NOFOLLOW)
         return self._add_handle(Handle(node, fd, flags))
 
