@@ -22,12 +22,17 @@ from ..sys import libc
 from . import whiteout
 from .inodes import pack_key
 
-# Our bookkeeping xattrs live where the server may write them: trusted.* as
-# root (it also works on symlinks), user.* otherwise; whatever whiteout format.
-XATTR_NS = "trusted" if os.geteuid() == 0 else "user"
-ORIGIN_XATTR = f"{XATTR_NS}.unionfs.origin"
-# the kernel's metacopy marker (read by overlayfs with metacopy=on)
-METACOPY_XATTR = f"{XATTR_NS}.overlay.metacopy"
+
+
+def origin_xattr(ns: str) -> str:
+    """Our bookkeeping xattrs live where the server may write them (the
+    profile's namespace): trusted.* (it also works on symlinks) or user.*."""
+    return f"{ns}.unionfs.origin"
+
+
+def metacopy_xattr(ns: str) -> str:
+    """The kernel's metacopy marker (read by overlayfs with metacopy=on)."""
+    return f"{ns}.overlay.metacopy"
 
 FULL = "full"       # data and metadata of a lower object
 META = "meta"       # metadata only: a sparse file marked metacopy; data stays below
@@ -114,6 +119,7 @@ class CopyJob:
     devs: tuple = ()      # (source layer st_dev, upper st_dev)
     clone_only: bool = False  # data by FICLONE or not at all (NotCloned): run inline
     pool: TempPool | None = None
+    xattr_ns: str = "trusted"   # of the origin and metacopy xattrs we write
 
     @property
     def meta_dir(self) -> int:
@@ -256,13 +262,13 @@ def _finish_meta(job: CopyJob, tmp: bytes, fd: int | None) -> None:
     copy_xattrs(src_path, tmp_path, follow=False)
     if job.origin is not None:
         try:
-            os.setxattr(tmp_path, ORIGIN_XATTR, pack_key(job.origin),
+            os.setxattr(tmp_path, origin_xattr(job.xattr_ns), pack_key(job.origin),
                         follow_symlinks=False)
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP):
                 raise
     if job.kind == META:
-        os.setxattr(tmp_path, METACOPY_XATTR, b"", follow_symlinks=False)
+        os.setxattr(tmp_path, metacopy_xattr(job.xattr_ns), b"", follow_symlinks=False)
     times = (st.st_atime_ns, st.st_mtime_ns)
     if fd is not None:
         os.utime(fd, ns=times)

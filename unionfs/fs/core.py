@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..sys import libc
-from . import copyup, whiteout
+from . import copyup, profile, whiteout
 from .inodes import ROOT_INO, Node, NodeTable, unpack_key
 from .layers import ABSENT_ERRNOS, Layer, layer_names, list_names, lower_positive, lstat_at, probe
 
@@ -96,9 +96,10 @@ class Union:
         except BaseException:
             self.close()
             raise
-        if whiteout_format is None:
-            whiteout_format = whiteout.FORMAT_KERNEL if os.geteuid() == 0 else whiteout.FORMAT_OCI
-        self.fmt = whiteout_format
+        self.profile = profile.probe(self.work_fd if self.writable else None, whiteout_format)
+        self.fmt = self.profile.whiteout_format
+        self.origin_xattr = copyup.origin_xattr(self.profile.xattr_ns)
+        self.metacopy_xattr = copyup.metacopy_xattr(self.profile.xattr_ns)
         self.durable = durable
         self.metacopy = metacopy
         # inode numbers whose attributes changed behind the kernel's back
@@ -240,7 +241,7 @@ class Union:
         if found.layer == UPPER:
             dfd = self.dirfd(parent, UPPER)
             try:
-                raw = os.getxattr(whiteout.entry_path(dfd, name), copyup.ORIGIN_XATTR,
+                raw = os.getxattr(whiteout.entry_path(dfd, name), self.origin_xattr,
                                   follow_symlinks=False)
                 key = unpack_key(raw)
                 if key is not None:
@@ -281,7 +282,7 @@ class Union:
             return None     # holds data: no metacopy (most big files are ruled out here)
         dfd = self.dirfd(parent, UPPER)
         try:
-            os.getxattr(whiteout.entry_path(dfd, name), copyup.METACOPY_XATTR,
+            os.getxattr(whiteout.entry_path(dfd, name), self.metacopy_xattr,
                         follow_symlinks=False)
         except OSError as e:
             if e.errno in (errno.ENODATA, errno.ENOTSUP):
@@ -394,7 +395,7 @@ class Union:
             and copyup.reflink_expected(devs)
         return copyup.CopyJob(os.dup(src_dir), node.name, os.dup(dst_dir), os.dup(self.work_fd),
                               st, node.key, self.durable, kind, devs, clone_only,
-                              self.temp_pool)
+                              self.temp_pool, self.profile.xattr_ns)
 
     def commit_copyup(self, node: Node, job: copyup.CopyJob) -> None:
         """After a copy: the node lives in upper; reopen read-only handles there."""
