@@ -30,8 +30,10 @@ def force_unmount(mnt):
 
 
 @contextlib.contextmanager
-def unionfs_mount(mnt, lowers, upper=None, work=None, options=(), check_log=True):
-    """Serve unionfs at mnt in the foreground; yields the server Popen."""
+def unionfs_mount(mnt, lowers, upper=None, work=None, options=(), check_log=True, env=None):
+    """Serve unionfs at mnt in the foreground; yields the server Popen.
+
+    env: variables added to the server's environment."""
     args = [UNIONFS, "mount", "-f"]
     for low in lowers:
         args += ["--lower", str(low)]
@@ -42,7 +44,8 @@ def unionfs_mount(mnt, lowers, upper=None, work=None, options=(), check_log=True
     args.append(str(mnt))
     log_path = f"{mnt}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                env=None if env is None else {**os.environ, **env})
     try:
         wait_for(lambda: os.path.ismount(mnt) or proc.poll() is not None, what="mount")
         if proc.poll() is not None:

@@ -10,7 +10,9 @@ import errno
 import functools
 import json
 import logging
+import os
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pyfuse3
@@ -48,9 +50,21 @@ def translate_errors(fn):
 
 # A copy this small, with no fsync to wait for, costs less than a thread hop.
 QUICK_COPY_BYTES = 256 << 10
+# Fault injection for tests: every copy-up runs in a worker thread that first
+# waits this many seconds, so that other requests can arrive mid-copy.
+COPY_DELAY = float(os.environ.get("UNIONFS_COPY_DELAY") or 0)
+
+
+def _delayed(fn):
+    def run(*args):
+        time.sleep(COPY_DELAY)
+        return fn(*args)
+    return run
 
 
 def _quick(job) -> bool:
+    if COPY_DELAY:
+        return False
     if job.kind == copyup.META or job.clone_only or not stat.S_ISREG(job.st.st_mode):
         return True
     return not job.durable and job.st.st_size <= QUICK_COPY_BYTES
@@ -139,7 +153,8 @@ class Operations(pyfuse3.Operations):
                             job.clone_only = False
                             await self._workers.run(copyup.run, job)
                     else:
-                        await self._workers.run(copyup.run, job)
+                        await self._workers.run(_delayed(copyup.run) if COPY_DELAY
+                                                else copyup.run, job)
                     self.u.commit_copyup(n, job)
             if not lock.statistics().tasks_waiting:
                 self._copy_locks.pop(n.ino, None)
