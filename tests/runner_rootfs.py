@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from runner.startup_bench import BUSYBOX, build_busybox_rootfs
+from bench.startup import BUSYBOX, build_busybox_rootfs
 
 UNIONFS = os.path.join(os.path.dirname(sys.executable), "unionfs")
 

@@ -568,7 +568,8 @@ def test_sigkill_of_the_runner_still_leaves_no_mount_and_no_process(
         shutil.rmtree(os.path.join(state_base, leftover))
 
 
-# The union server's process started at the runner's start (runner.prestart).
+# The union server's process started at the runner's start (runner.prestart,
+# unionfs.serve.process.start_spare).
 
 def test_an_early_server_is_started_only_for_a_layer_stack():
     from runner.prestart import is_console_run, wanted
@@ -630,23 +631,22 @@ def test_sigterm_to_the_runner_at_start_leaves_nothing(lower, state_base, start_
 
 EARLY_SERVER_DRIVER = """
 import os, sys
-from runner import prestart, union
+from unionfs.serve import child, process
 from runner.plan import build_plan
 from runner.run import RunError, execute
 mode, lower, doomed = sys.argv[1:]
 if mode == "failing-import":
     def import_server_modules():
         raise RuntimeError("no pyfuse3 today")
-    union.import_server_modules = import_server_modules
+    child.import_server_modules = import_server_modules
 plan = build_plan(["/bin/true"], lowers=[doomed if mode == "failing-mount" else lower])
 if mode == "failing-mount":
     os.rmdir(doomed)  # gone after the plan was checked: the server cannot open it
-prestart.start()
-pid = prestart._pending[0]
+pid = process.start_spare().pid
 if mode == "claimed":
     def no_second_server(*args):
         raise AssertionError("the early server was not used")
-    union._fork_unionfs_server = no_second_server
+    process.spawn = no_second_server
 elif mode == "gone":
     os.kill(pid, 9)
     os.waitpid(pid, 0)
@@ -679,7 +679,7 @@ def test_the_early_server_serves_or_reports_in_one_line(lower, state_base, tmp_p
 
 
 def test_startup_bench_returns_records_for_every_contender_it_ran():
-    from runner.startup_bench import END_TO_END, PREMOUNTED, format_table, measure_startup
+    from bench.startup import END_TO_END, PREMOUNTED, format_table, measure_startup
     notes = {}
     records = measure_startup(reps=1, warmup=0, notes=notes)
     assert records, notes
