@@ -214,8 +214,8 @@ def test_malformed_override(value):
 
 ENCODED = [
     ((0, 0, 0o755), b"0:0:0755"),
-    ((9, 10, stat.S_IFREG | 0o640), b"9:10:0640:file"),
-    ((1, 2, stat.S_IFDIR | 0o2775), b"1:2:2775:dir"),
+    ((9, 10, stat.S_IFREG | 0o640), b"9:10:0640"),        # type bits dropped
+    ((1, 2, stat.S_IFDIR | 0o2775, stat.S_IFDIR), b"1:2:2775:dir"),
     ((0, 0, 0o666, stat.S_IFCHR, (1, 3)), b"0:0:0666:char-1-3"),
 ]
 

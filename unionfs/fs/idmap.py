@@ -327,11 +327,10 @@ def decode_override(value: bytes) -> Override:
 
 def encode_override(uid: int, gid: int, mode: int, kind: int | None = None,
                     rdev: tuple | None = None) -> bytes:
-    """containers/storage's form, `uid:gid:0MODE[:type]`, which every reader
-    (fuse-overlayfs 1.x, containers/storage, this module) takes. `mode` may
-    carry file-type bits: they are written as the type only if `kind` is not
-    given and they are set."""
-    kind = kind if kind is not None else (stat.S_IFMT(mode) or None)
+    """`uid:gid:0MODE`, as containers/storage writes it (podman 4.x's reads
+    exactly three fields in places), with `:type` only when `kind` is given:
+    a value for an object whose disk type is its shown type needs none.
+    File-type bits in `mode` are dropped."""
     text = "%d:%d:%04o" % (uid, gid, mode & 0o7777)
     if kind is not None:
         name = _TYPE_NAMES[kind]
