@@ -472,8 +472,14 @@ class Store:
         with self.writing():
             need_blob = keep_blob and (blob_digest is None or not self.has_blob(blob_digest))
             if diff_id is not None and self.has_layer(diff_id) and not need_blob:
-                return LayerInfo(diff_id, self.layer(diff_id).info()["size"], blob_digest,
-                                 blob_size, "unknown", applied=False)
+                info = self.layer(diff_id).info()
+                compression = "unknown"
+                if blob_digest is not None and self.has_blob(blob_digest):
+                    with open(self.blob_path(blob_digest), "rb") as f:
+                        compression = formats.sniff_compression(f.read(4))
+                        blob_size = os.fstat(f.fileno()).st_size
+                return LayerInfo(diff_id, info["size"], blob_digest, blob_size, compression,
+                                 applied=False)
             with self.pending_layer(diff_id) as pending:
                 blob_path = os.path.join(pending.work, "blob")
                 blob_file = open(blob_path, "wb") if need_blob else None
