@@ -233,8 +233,8 @@ class Proxy:
 
     rewrite(method, path, headers) may return None (forward as is) or a
     tuple (status, headers, body bytes); `throttle` (bytes per second)
-    slows down blob bodies; `log` holds (method, path, Range header, bytes
-    sent) per request."""
+    slows down blob bodies; `log` holds [method, path, Range header, bytes
+    sent, start time, end time] per request."""
 
     def __init__(self, upstream: str):
         self.upstream = upstream
@@ -261,8 +261,14 @@ class Proxy:
     def _handle(self, h):
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
-        entry = [h.command, h.path, h.headers.get("Range"), 0]
+        entry = [h.command, h.path, h.headers.get("Range"), 0, time.monotonic(), None]
         self.log.append(entry)
+        try:
+            self._answer(h, body, entry)
+        finally:
+            entry[5] = time.monotonic()
+
+    def _answer(self, h, body, entry):
         answer = self.rewrite(h.command, h.path, h.headers) if self.rewrite else None
         if answer is not None:
             status, headers, data = answer
@@ -323,3 +329,208 @@ def token_registry(root, users, grants):
     with TokenServer(root, users, grants) as tokens, \
             Registry(root, auth=("token", tokens)) as reg:
         yield reg, tokens
+
+
+# -- images: layers made with tarfile (a writer here), OCI layouts, real tools --
+
+def tar_entries(entries) -> bytes:
+    """A layer tar from (kind, name, props) tuples: kind is file, dir, symlink,
+    hardlink, fifo, chardev; props: data, mode, uid, gid, target, xattrs,
+    major, minor."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    kinds = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+             "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE, "chardev": tarfile.CHRTYPE}
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for kind, name, props in entries:
+            ti = tarfile.TarInfo(name)
+            ti.type = kinds[kind]
+            ti.mode = props.get("mode", 0o755 if kind == "dir" else 0o644)
+            ti.uid, ti.gid = props.get("uid", 0), props.get("gid", 0)
+            ti.uname = ti.gname = ""
+            ti.mtime = props.get("mtime", 1_000_000_000)
+            ti.linkname = props.get("target", "")
+            ti.devmajor, ti.devminor = props.get("major", 0), props.get("minor", 0)
+            ti.pax_headers = {f"SCHILY.xattr.{k}": v
+                              for k, v in props.get("xattrs", {}).items()}
+            data = props.get("data", b"")
+            ti.size = len(data) if kind == "file" else 0
+            tf.addfile(ti, io.BytesIO(data) if kind == "file" else None)
+    return buf.getvalue()
+
+
+def compress(data: bytes, compression: str) -> bytes:
+    if compression == "gzip":
+        import gzip
+        return gzip.compress(data, compresslevel=6, mtime=0)
+    if compression == "zstd":
+        import zstandard
+        return zstandard.ZstdCompressor(level=3).compress(data)
+    return data
+
+
+LAYER_TYPES = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+               "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+               "none": "application/vnd.oci.image.layer.v1.tar"}
+
+
+def _put_blob(layout: str, data: bytes) -> dict:
+    import hashlib
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = os.path.join(layout, "blobs", "sha256", digest[7:])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return {"digest": digest, "size": len(data)}
+
+
+def oci_image(layout: str, layers, arch: str = "amd64") -> dict:
+    """Write an image (layers: [(tar bytes, compression)]) into an OCI layout;
+    returns its manifest descriptor (not yet named in index.json)."""
+    import hashlib
+    os.makedirs(os.path.join(layout, "blobs", "sha256"), exist_ok=True)
+    with open(os.path.join(layout, "oci-layout"), "w") as f:
+        f.write('{"imageLayoutVersion":"1.0.0"}')
+    descs, diff_ids = [], []
+    for tar, compression in layers:
+        diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
+        descs.append({"mediaType": LAYER_TYPES[compression],
+                      **_put_blob(layout, compress(tar, compression))})
+    config = {"architecture": arch, "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+              "rootfs": {"type": "layers", "diff_ids": diff_ids},
+              "history": [{"created_by": f"layer {i}"} for i in range(len(layers))]}
+    cfg = _put_blob(layout, json.dumps(config).encode())
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **cfg},
+                "layers": descs}
+    return {"mediaType": manifest["mediaType"],
+            **_put_blob(layout, json.dumps(manifest).encode()),
+            "platform": {"architecture": arch, "os": "linux"}}
+
+
+def name_in_layout(layout: str, tag: str, desc: dict) -> None:
+    """Point tag at desc in the layout's index.json (replacing an older one)."""
+    path = os.path.join(layout, "index.json")
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        index = {"schemaVersion": 2, "manifests": []}
+    key = "org.opencontainers.image.ref.name"
+    index["manifests"] = [m for m in index["manifests"]
+                          if m.get("annotations", {}).get(key) != tag]
+    index["manifests"].append({**desc, "annotations": {key: tag}})
+    with open(path, "w") as f:
+        json.dump(index, f)
+
+
+def oci_index(layout: str, manifests) -> dict:
+    """A multi-platform image index blob over manifest descriptors."""
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": manifests}
+    return {"mediaType": index["mediaType"], **_put_blob(layout, json.dumps(index).encode())}
+
+
+def skopeo(*args, check=True):
+    """Run skopeo (insecure loopback registries); returns the CompletedProcess."""
+    proc = subprocess.run(["skopeo", "--insecure-policy", *args], capture_output=True,
+                          text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"skopeo {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+def skopeo_push(layout: str, tag: str, dest: str, *extra):
+    """oci:layout:tag -> docker://dest over plain HTTP."""
+    return skopeo("copy", "-q", "--dest-tls-verify=false", *extra, f"oci:{layout}:{tag}",
+                  f"docker://{dest}")
+
+
+def umoci_unpack(layout: str, tag: str, dest: str) -> str:
+    """umoci's own flattening of an image: the oracle for what a pull unpacks."""
+    proc = subprocess.run(["umoci", "unpack", "--image", f"{layout}:{tag}", dest],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"umoci unpack: {proc.stderr.strip()}")
+    return os.path.join(dest, "rootfs")
+
+
+def tree(root: str, skip=()) -> dict:
+    """Everything a rootfs comparison looks at, by relative path: type, mode,
+    owner, size, content hash, xattrs, link target, device numbers; plus
+    "hardlinks": the sets of paths that share an inode."""
+    import hashlib
+    import stat as st
+    out, inodes = {}, {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if rel in skip or rel.split("/")[0] in skip:
+                continue
+            s = os.lstat(path)
+            entry = {"mode": oct(s.st_mode), "uid": s.st_uid, "gid": s.st_gid}
+            if st.S_ISREG(s.st_mode):
+                with open(path, "rb") as f:
+                    entry["sha256"] = hashlib.sha256(f.read()).hexdigest()
+                entry["size"] = s.st_size
+                if s.st_nlink > 1:
+                    inodes.setdefault((s.st_dev, s.st_ino), []).append(rel)
+            elif st.S_ISLNK(s.st_mode):
+                entry["target"] = os.readlink(path)
+            elif st.S_ISCHR(s.st_mode) or st.S_ISBLK(s.st_mode):
+                entry["rdev"] = (os.major(s.st_rdev), os.minor(s.st_rdev))
+            entry["xattrs"] = {k: os.getxattr(path, k, follow_symlinks=False)
+                               for k in sorted(os.listxattr(path, follow_symlinks=False))
+                               if k.startswith("user.")}
+            out[rel] = entry
+    out["hardlinks"] = sorted(sorted(v) for v in inodes.values() if len(v) > 1)
+    return out
+
+
+def sample_layers(seed: int = 0):
+    """The interop image: a base layer with every entry kind, owners, modes
+    with setuid/setgid/sticky, xattrs, absolute and relative symlinks, a
+    hard-link set, a device and a FIFO; then a layer with whiteouts (a file,
+    a directory) and an opaque directory; then a small top layer."""
+    import random
+    rnd = random.Random(seed)
+    with open("/bin/busybox", "rb") as f:
+        busybox = f.read()
+    big = rnd.randbytes(3 << 20)        # incompressible: a pull worth interrupting
+    base = [
+        ("dir", "bin", {}), ("file", "bin/busybox", {"data": busybox, "mode": 0o755}),
+        ("symlink", "bin/sh", {"target": "busybox"}),
+        ("dir", "etc", {}), ("file", "etc/passwd", {"data": b"root:x:0:0::/root:/bin/sh\n"}),
+        ("symlink", "etc/localtime", {"target": "/usr/share/zoneinfo/UTC"}),
+        ("dir", "tmp", {"mode": 0o1777}), ("fifo", "tmp/fifo", {"mode": 0o600}),
+        ("dir", "dev", {}), ("chardev", "dev/null", {"mode": 0o666, "major": 1, "minor": 3}),
+        ("dir", "data", {"mode": 0o750, "uid": 1000, "gid": 1000}),
+        ("file", "data/file", {"data": b"owned\n", "mode": 0o640, "uid": 1000, "gid": 1000,
+                               "xattrs": {"user.comment": "hello"}}),
+        ("file", "data/setuid", {"data": b"#!/bin/sh\n", "mode": 0o4755}),
+        ("file", "data/setgid", {"data": b"#!/bin/sh\n", "mode": 0o2755, "gid": 50}),
+        ("file", "data/empty", {}),
+        ("file", "data/big", {"data": big}),
+        ("file", "data/h1", {"data": b"linked\n", "uid": 1001}),
+        ("hardlink", "data/h2", {"target": "data/h1"}),
+        ("hardlink", "data/h3", {"target": "data/h1"}),
+        ("file", "data/gone", {"data": b"deleted above\n"}),
+        ("dir", "data/gonedir", {}), ("file", "data/gonedir/x", {"data": b"x"}),
+        ("dir", "opaque", {}), ("file", "opaque/a", {"data": b"a"}),
+        ("dir", "opaque/sub", {}), ("file", "opaque/sub/c", {"data": b"c"}),
+    ]
+    upper = [
+        ("dir", "data", {"mode": 0o750, "uid": 1000, "gid": 1000}),
+        ("file", "data/.wh.gone", {}), ("file", "data/.wh.gonedir", {}),
+        ("file", "data/file", {"data": b"changed\n", "mode": 0o600, "uid": 1000,
+                               "gid": 1000, "xattrs": {"user.comment": "again"}}),
+        ("dir", "opaque", {"mode": 0o700}), ("file", "opaque/.wh..wh..opq", {}),
+        ("file", "opaque/new", {"data": b"new"}),
+        ("file", "etc/passwd", {"data": b"root:x:0:0::/root:/bin/sh\nu:x:1000:1000::/:/\n"}),
+    ]
+    top = [("file", "top.txt", {"data": b"top %d\n" % seed, "xattrs": {"user.k": "v"}}),
+           ("symlink", "dangling", {"target": "../nowhere"})]
+    return [tar_entries(base), tar_entries(upper), tar_entries(top)]

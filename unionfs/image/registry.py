@@ -22,12 +22,8 @@ import re
 import time
 from dataclasses import dataclass
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+from .formats import INDEX_TYPES, MANIFEST_TYPES
+
 MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
 
 MAX_MANIFEST = 4 << 20      # the OCI spec lets registries refuse bigger ones
@@ -41,7 +37,11 @@ DIGEST_RE = re.compile(r"(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})\Z")
 
 
 class RegistryError(Exception):
-    """A registry or reference problem, as one line for the user."""
+    """A registry problem, as one line for the user; status: the HTTP status if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def printable(text: object, limit: int = 200) -> str:
@@ -307,7 +307,8 @@ class Client:
             finally:
                 await resp.aclose()
         if resp.status_code not in ok:
-            raise RegistryError(f"{what}: {error_line(resp.status_code, body)}")
+            raise RegistryError(f"{what}: {error_line(resp.status_code, body)}",
+                                resp.status_code)
         return resp, body
 
     # -- manifests -----------------------------------------------------------
