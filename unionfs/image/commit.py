@@ -95,9 +95,9 @@ class _UpperTar:
         self.tf.addfile(ti, fileobj)
         self.entries += 1
 
-    def walk(self, dir_fd: int, prefix: str) -> None:
+    def walk(self, dir_fd: int, prefix: str, opaque_written: bool = False) -> None:
         names = sorted(os.listdir(dir_fd), key=os.fsencode)
-        done = set()
+        done = {prefix + os.fsdecode(whiteout.OPAQUE_MARKER)} if opaque_written else set()
         for name in names:
             bname = os.fsencode(name)
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -123,10 +123,11 @@ class _UpperTar:
                 self.add(ti)
                 child = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
                 try:
-                    if whiteout.is_opaque(dir_fd, bname):
-                        opq = arc + "/" + os.fsdecode(whiteout.OPAQUE_MARKER)
-                        self.marker(opq, st)
-                    self.walk(child, arc + "/")
+                    # the marker right after its directory, whatever its form
+                    opaque = whiteout.is_opaque(dir_fd, bname)
+                    if opaque:
+                        self.marker(arc + "/" + os.fsdecode(whiteout.OPAQUE_MARKER), st)
+                    self.walk(child, arc + "/", opaque)
                 finally:
                     os.close(child)
                 continue
