@@ -145,8 +145,8 @@ def _run(name, fn, *args, **kwargs):
     """Run an async pull/push; known failures become one line and status 1."""
     import trio
 
-    from ..image import applier, digest, formats, reference, registry, store
-    known = (registry.RegistryError, formats.FormatError, digest.DigestError,
+    from ..image import applier, digest, formats, pull, reference, registry, store
+    known = (registry.RegistryError, pull.LayerFailed, formats.FormatError, digest.DigestError,
              store.StoreError, applier.LayerError, reference.ReferenceError, OSError)
     progress = kwargs.get("progress")
     try:

@@ -20,6 +20,10 @@ MAX_CONFIG = formats.MAX_JSON
 DEFAULT_JOBS = 4
 
 
+class LayerFailed(Exception):
+    """A layer's content was refused (digest, diff_id, tar): one line naming it."""
+
+
 class NullProgress:
     """What pull and push report; the CLI draws it (cli/registry.py)."""
 
@@ -143,9 +147,12 @@ async def pull(store, ref, *, tls_verify: bool = True, creds=None,
                 except trio.Cancelled:
                     progress.finish(desc.digest, "cancelled")
                     raise
-                except BaseException:
+                except RegistryError:
                     progress.finish(desc.digest, "failed")
-                    raise
+                    raise               # names the blob already
+                except Exception as e:  # noqa: BLE001 - the store's errors: say which layer
+                    progress.finish(desc.digest, "failed")
+                    raise LayerFailed(f"layer {desc.digest}: {e}") from e
                 progress.finish(desc.digest, "done")
 
         await _all(trio, [(one, t) for t in todo])

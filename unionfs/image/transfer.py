@@ -145,4 +145,6 @@ async def fetch_layer(client, repo: str, store, digest: str, size: int, diff_id:
             raise error
         return outcome
     finally:
+        if writer.file is not None and not writer.done and writer.offset == 0:
+            writer.discard()    # nothing arrived (failed or cancelled): nothing to resume
         writer.close()
