@@ -148,6 +148,7 @@ class TokenServer:
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
 
+        os.makedirs(str(root), exist_ok=True)
         self.users, self.grants = users, grants
         self.service, self.issuer = service, issuer
         self.requests = []          # (user or None, [scopes]) per token request
@@ -287,9 +288,15 @@ class Proxy:
             return
         conn = http.client.HTTPConnection(self.upstream, timeout=30)
         try:
-            headers = {k: v for k, v in h.headers.items() if k.lower() != "host"}
-            headers["Host"] = self.upstream
-            conn.request(h.command, h.path, body=body, headers=headers)
+            # header by header: clients send Accept several times, and each counts
+            conn.putrequest(h.command, h.path, skip_host=True, skip_accept_encoding=True)
+            conn.putheader("Host", self.upstream)
+            for k, v in h.headers.items():
+                if k.lower() not in ("host", "content-length"):
+                    conn.putheader(k, v)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
             resp = conn.getresponse()
             h.send_response(resp.status)
             for k, v in resp.getheaders():

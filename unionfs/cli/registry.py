@@ -65,6 +65,8 @@ class PlainProgress:
 
     def finish(self, key, status):
         started, total, what = self.items.get(key, (time.monotonic(), 0, "blob"))
+        if status in ("failed", "cancelled"):
+            return      # the command's one error line says what went wrong
         if status in ("done", "uploaded"):
             took = time.monotonic() - started
             click.echo(f"{what} {_short(key)}: {status}, {_size(total)} in {took:.1f} s", err=True)
