@@ -77,7 +77,7 @@ class MountWatch:
     def __init__(self, pid):
         self.fds = []
         self.poll = select.poll()
-        for opener, events in ((lambda: os.open("/proc/self/mountinfo", os.O_RDONLY),
+        for opener, events in ((lambda: os.open(mountinfo.MOUNTINFO, os.O_RDONLY),
                                 select.POLLPRI),
                                (lambda: os.pidfd_open(pid), select.POLLIN)):
             try:
