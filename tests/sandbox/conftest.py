@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from runner_rootfs import UNIONFS, build_rootfs, mounts_matching, processes_mentioning
+from unionfs.sys import mountinfo
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,9 @@ def state_base(tmp_path, lower):
     processes = processes_mentioning(str(base))
     for pid, _ in processes:
         os.kill(pid, signal.SIGKILL)
-    for line in mounts:
-        subprocess.run(["umount", "-l", line.split()[4]], check=False)
+    for entry in reversed(mountinfo.mounts()):
+        if entry.mount_point.startswith(str(base) + "/"):
+            subprocess.run(["umount", "-l", entry.mount_point], check=False)
     assert not processes, f"processes left behind: {processes}"
     assert not mounts, f"mounts left behind: {mounts}"
     assert not leftovers, f"state left behind: {leftovers}"
