@@ -86,3 +86,19 @@ def test_loading_twice_shares_layers(built, tmp_path):  # noqa: F811
     archive.load(store, built.docker_archive)
     assert sorted(os.listdir(store.p("layers"))) == layers
     assert len(layers) == len(built.manifest["layers"])
+
+
+def test_docker_archive_layers_saved_again_keep_their_digests(built, tmp_path):  # noqa: F811
+    """A docker-archive's layers are kept as tar-splits (no blob copy); saving
+    rebuilds them byte for byte."""
+    store = Store.open(str(tmp_path / "store"))
+    (item,) = archive.load(store, built.docker_archive)
+    diff_hexes = {d[7:] for d in built.config["rootfs"]["diff_ids"]}
+    assert diff_hexes.isdisjoint(os.listdir(store.p("blobs", "sha256")))
+    out = str(tmp_path / "again.tar")
+    archive.save(store, ["localhost/final:latest"], out, "oci-archive")
+    fresh = Store.open(str(tmp_path / "fresh"))
+    (again,) = archive.load(fresh, out)
+    assert again.manifest_digest == item.manifest_digest
+    image = fresh.resolve("localhost/final:latest")
+    assert [d.digest for d in image.manifest.layers] == built.config["rootfs"]["diff_ids"]

@@ -228,3 +228,40 @@ def test_container_names_are_unique_and_records_update(store):
     containers.remove(store, "one")
     with pytest.raises(StoreError, match="no container 'one'"):
         containers.get(store, "one")
+
+
+def _read_all(reader) -> bytes:
+    with reader as f:
+        return f.read()
+
+
+def test_an_uncompressed_layer_is_kept_as_a_tar_split(store):
+    info = store.apply_layer(io.BytesIO(BASE), diff_id=sha(BASE), tar_split=True)
+    assert info.blob_stored and info.blob_digest == sha(BASE)
+    assert os.listdir(store.p("blobs", "sha256")) == []        # no copy of the blob ...
+    assert store.has_blob(sha(BASE)) and store.blob_size(sha(BASE)) == len(BASE)
+    assert _read_all(store.open_blob(sha(BASE))) == BASE       # ... it is rebuilt exactly
+
+
+def test_a_tar_split_that_does_not_hold_asks_for_the_blob_again(store):
+    dup = make_tar([entry("f", data=b"first"), entry("f", data=b"second")])
+    info = store.apply_layer(io.BytesIO(dup), diff_id=sha(dup), tar_split=True)
+    assert not info.blob_stored and not store.has_blob(sha(dup))
+    again = store.apply_layer(io.BytesIO(dup), diff_id=sha(dup))
+    assert again.blob_stored and _read_all(store.open_blob(sha(dup))) == dup
+
+
+def test_a_changed_layer_file_is_an_error_when_rebuilding(store):
+    from unionfs.image.tarsplit import TarSplitError
+    store.apply_layer(io.BytesIO(BASE), diff_id=sha(BASE), tar_split=True)
+    path = os.path.join(store.layer(sha(BASE)).lowerdir(), "etc", "os")
+    with open(path, "wb") as f:
+        f.write(b"TEST")                # same size, other bytes
+    with pytest.raises(TarSplitError, match="the layer was changed"):
+        _read_all(store.open_blob(sha(BASE)))
+
+
+def test_tar_split_blobs_are_collected_with_their_layer(store):
+    store.apply_layer(io.BytesIO(BASE), diff_id=sha(BASE), tar_split=True)
+    gc.prune(store)
+    assert not store.has_blob(sha(BASE)) and store.layer_ids() == []

@@ -25,8 +25,9 @@ def _errors():
     from unionfs.image.formats import FormatError
     from unionfs.image.reference import ReferenceError
     from unionfs.image.store import StoreError
+    from unionfs.image.tarsplit import TarSplitError
     return (LayerError, ArchiveError, DigestError, FormatError, ReferenceError, StoreError,
-            OSError)
+            TarSplitError, OSError)
 
 
 def _fail(name: str, e: Exception):

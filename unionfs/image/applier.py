@@ -121,8 +121,9 @@ def entry_xattrs(m: tarfile.TarInfo) -> dict:
 
 
 class _Applier:
-    def __init__(self, root_fd: int, may_chown: bool, may_mknod: bool):
+    def __init__(self, root_fd: int, may_chown: bool, may_mknod: bool, recorder=None):
         self.root_fd = root_fd
+        self.recorder = recorder        # a tarsplit.Recorder, or None
         self.may_chown = may_chown
         self.may_mknod = may_mknod
         self.dirs = {(): root_fd}       # components -> O_PATH fd (root not owned)
@@ -180,6 +181,8 @@ class _Applier:
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
             return False
+        if self.recorder is not None and not (keep_dir and stat.S_ISDIR(st.st_mode)):
+            self.recorder.removing(parts, stat.S_ISDIR(st.st_mode))
         if stat.S_ISDIR(st.st_mode):
             if keep_dir:
                 return True
@@ -298,6 +301,11 @@ class _Applier:
             fd = os.open(name, _FILE_CREATE, 0o600, dir_fd=parent)
         try:
             if m.size:
+                if self.recorder is not None:
+                    if m.sparse is not None:
+                        self.recorder.invalidate("sparse member")
+                    else:
+                        self.recorder.file_data(m.offset_data, m.size, parts)
                 src = tf.extractfile(m)
                 remaining = m.size
                 while remaining:
@@ -360,14 +368,55 @@ class _Applier:
                 os.utime(path, ns=(meta.atime_ns, meta.mtime_ns))
 
 
-def apply_tar(fileobj, root_fd: int, *, may_chown: bool, may_mknod: bool) -> ApplyResult:
+class _ForwardReader:
+    """A stream that tarfile may treat as seekable: seeks go forward only
+    (by reading), so the stream is still read exactly once, in order. In
+    this mode tarfile reads headers and data straight from the stream,
+    without the re-copied buffer of its stream mode ('r|')."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.pos += len(data)
+        return data
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self.pos + offset if whence == 1 else None
+        if target is None or target < self.pos:
+            raise OSError(errno.ESPIPE, "a layer stream cannot seek backwards")
+        while self.pos < target:
+            if not self.read(min(target - self.pos, _COPY_CHUNK)):
+                break
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+
+def apply_tar(fileobj, root_fd: int, *, may_chown: bool, may_mknod: bool,
+              recorder=None) -> ApplyResult:
     """Unpack the (uncompressed) tar stream `fileobj` into the directory
     `root_fd` (expected empty). Reads the stream once, front to back, up to
     the tar's end-of-archive marker. LayerError for refused input; the caller
-    removes the half-made directory."""
-    applier = _Applier(root_fd, may_chown, may_mknod)
+    removes the half-made directory. `recorder` (a tarsplit.Recorder that
+    `fileobj` reads through) is told where regular files' contents are."""
+    applier = _Applier(root_fd, may_chown, may_mknod, recorder)
     try:
-        tf = tarfile.open(fileobj=fileobj, mode="r|", bufsize=1 << 20,
+        tf = tarfile.open(fileobj=_ForwardReader(fileobj), mode="r:",
                           encoding="utf-8", errors="surrogateescape")
         for m in tf:
             try:

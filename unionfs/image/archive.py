@@ -189,8 +189,13 @@ def _load_docker(store: Store, src) -> list:
                                       f"{len(entry.layers)} layers")
         descs = []
         for rel, diff_id in zip(entry.layers, diff_ids, strict=True):
+            # an uncompressed layer is kept as a tar-split, not copied; if the
+            # split does not hold (a file replaced by a later entry), read it again
             with src.open(rel) as stream:
-                info = store.apply_layer(stream, diff_id=diff_id)
+                info = store.apply_layer(stream, diff_id=diff_id, tar_split=True)
+            if not info.blob_stored:
+                with src.open(rel) as stream:
+                    info = store.apply_layer(stream, diff_id=diff_id)
             descs.append(formats.Descriptor(formats.OCI_LAYER_BY_COMPRESSION[info.compression],
                                             info.blob_digest, info.blob_size))
         config_digest = store.add_blob_bytes(config_bytes)
@@ -323,11 +328,10 @@ def _add_blob(tf, store: Store, digest: str, seen: set) -> None:
     if digest in seen:
         return
     seen.add(digest)
-    path = store.blob_path(digest)
     info = tarfile.TarInfo(_blob_rel(digest))
-    info.size = os.stat(path).st_size
+    info.size = store.blob_size(digest)
     info.mode = 0o644
-    with open(path, "rb") as f:
+    with store.open_blob(digest) as f:
         tf.addfile(info, f)
 
 
@@ -343,7 +347,7 @@ def _save_oci(store: Store, tf, images, names) -> None:
                 [layer.digest for layer in image.manifest.layers]:
             _add_blob(tf, store, d, seen)
         desc = {"mediaType": image.manifest.media_type, "digest": image.manifest_digest,
-                "size": os.stat(store.blob_path(image.manifest_digest)).st_size}
+                "size": store.blob_size(image.manifest_digest)}
         for name in image_names or [None]:
             entry = dict(desc)
             if name:
@@ -384,7 +388,7 @@ def _save_docker(store: Store, tf, images, names) -> None:
             info = tarfile.TarInfo(rel)
             info.size = size
             info.mode = 0o644
-            with open(store.blob_path(desc.digest), "rb") as raw:
+            with store.open_blob(desc.digest) as raw:
                 compression, head = sniff(raw)
                 tf.addfile(info, decompressing_reader(head, compression))
         tags = [docker_tag(n) for n in image_names if refs_mod.parse(n).tag]

@@ -9,7 +9,8 @@ Public API (stable; the registry client, the runner and the CLI use only this):
     # blobs (verified on the way in; never trusted)
     store.has_blob(digest) -> bool
     store.blob_path(digest) -> str
-    store.read_blob(digest) -> bytes
+    store.read_blob(digest) -> bytes                     # small blobs (manifests, configs)
+    store.open_blob(digest) -> reader; store.blob_size(digest) -> int   # any blob
     store.add_blob_bytes(data, expected=None) -> digest
     store.blob_writer(digest, size=None) -> BlobWriter   # resumable partial blob:
         w.offset; w.write(chunk); w.commit()             # partial kept until commit
@@ -17,7 +18,7 @@ Public API (stable; the registry client, the runner and the CLI use only this):
     store.has_layer(diff_id) -> bool
     store.layer(diff_id) -> StoredLayer                  # .diff_id, .lowerdir()
     store.apply_layer(stream, *, diff_id=None, blob_digest=None, blob_size=None,
-                      keep_blob=True) -> LayerInfo       # stream: the blob's bytes
+                      keep_blob=True, tar_split=False) -> LayerInfo   # stream: the blob
     store.apply_layer_from_blob(blob_digest, diff_id=None) -> LayerInfo
     store.pending_layer(diff_id) -> PendingLayer  # for a pipeline that hashes itself:
         p.exists; p.unpack(tar_reader); p.commit(diff_id, size, blob_digest, compression)
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import digest as dg
-from . import formats
+from . import formats, tarsplit
 from . import reference as refs_mod
 from .applier import ApplyResult, apply_tar
 from .compression import decompressing_reader, sniff
@@ -87,6 +88,7 @@ class LayerInfo:
     compression: str
     applied: bool               # False: the layer was already in the store
     result: ApplyResult | None = None
+    blob_stored: bool = True    # False: a tar-split did not hold; offer the blob again
 
 
 @dataclass(frozen=True)
@@ -284,21 +286,22 @@ class PendingLayer:
         self.root = os.path.join(self.work, "layer", "diff")
         self.unpacked = False
 
-    def unpack(self, tar_reader) -> ApplyResult:
+    def unpack(self, tar_reader, recorder=None) -> ApplyResult:
         """Apply the uncompressed tar stream (read up to its end marker)."""
-        os.makedirs(self.root, 0o755)
+        os.makedirs(self.root, 0o755, exist_ok=True)
         os.chmod(self.root, 0o755)
         root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             may_chown, may_mknod = may_chown_and_mknod()
-            result = apply_tar(tar_reader, root_fd, may_chown=may_chown, may_mknod=may_mknod)
+            result = apply_tar(tar_reader, root_fd, may_chown=may_chown, may_mknod=may_mknod,
+                               recorder=recorder)
         finally:
             os.close(root_fd)
         self.unpacked = True
         return result
 
     def commit(self, diff_id: str, size: int, blob_digest: str | None = None,
-               compression: str = "none") -> bool:
+               compression: str = "none", tar_split: bool = False) -> bool:
         """Check the hashed diff_id and move the layer into place; False if
         it was there already (this copy is dropped)."""
         if self.expected is not None and diff_id != self.expected:
@@ -311,7 +314,7 @@ class PendingLayer:
             if self.store.has_layer(diff_id):
                 return False
             info = {"diff_id": diff_id, "size": size, "created": time.time(),
-                    "blob": blob_digest, "compression": compression}
+                    "blob": blob_digest, "compression": compression, "tar_split": tar_split}
             write_atomic(os.path.join(self.work, "layer", "layer.json"),
                          json.dumps(info).encode(), durable=False)
             os.rename(os.path.join(self.work, "layer"), self.store.layer_path(diff_id))
@@ -395,7 +398,8 @@ class Store:
         return self.p("blobs", "sha256", dg.parse(digest))
 
     def has_blob(self, digest: str) -> bool:
-        return os.path.exists(self.blob_path(digest))
+        """A blob file, or an uncompressed layer blob kept as a tar-split."""
+        return os.path.exists(self.blob_path(digest)) or self._split_layer(digest) is not None
 
     def read_blob(self, digest: str) -> bytes:
         try:
@@ -462,36 +466,51 @@ class Store:
         return digest
 
     def apply_layer(self, stream, *, diff_id: str | None = None, blob_digest: str | None = None,
-                    blob_size: int | None = None, keep_blob: bool = True) -> LayerInfo:
+                    blob_size: int | None = None, keep_blob: bool = True,
+                    tar_split: bool = False) -> LayerInfo:
         """Read one layer blob from `stream` once: hash it (and store it as a
         blob if keep_blob), decompress (gzip/zstd/none, from its magic),
         hash the tar (its diff_id) and unpack it, all in one pass. The
         expected digests are checked; on any failure nothing is left behind.
         If the layer is in the store already, only the blob is stored (still
-        verified: the tar is hashed, not unpacked)."""
+        verified: the tar is hashed, not unpacked).
+
+        tar_split: an uncompressed blob is kept as a tar-split next to the
+        unpacked files instead of a copy (tarsplit.py). Should the split
+        not hold, the result has blob_stored=False and the caller must offer
+        the blob again (apply_layer with the same stream content)."""
         with self.writing():
             need_blob = keep_blob and (blob_digest is None or not self.has_blob(blob_digest))
             if diff_id is not None and self.has_layer(diff_id) and not need_blob:
                 info = self.layer(diff_id).info()
                 compression = "unknown"
                 if blob_digest is not None and self.has_blob(blob_digest):
-                    with open(self.blob_path(blob_digest), "rb") as f:
+                    with self.open_blob(blob_digest) as f:
                         compression = formats.sniff_compression(f.read(4))
-                        blob_size = os.fstat(f.fileno()).st_size
+                    blob_size = self.blob_size(blob_digest)
                 return LayerInfo(diff_id, info["size"], blob_digest, blob_size, compression,
                                  applied=False)
             with self.pending_layer(diff_id) as pending:
                 blob_path = os.path.join(pending.work, "blob")
-                blob_file = open(blob_path, "wb") if need_blob else None
+                blob_file = None
+                recorder = None
                 try:
-                    src = dg.HashingReader(stream, sink=blob_file)
+                    src = dg.HashingReader(stream)
                     compression, head = sniff(src)
+                    if need_blob and tar_split and compression == "none" and not pending.exists:
+                        os.makedirs(pending.root, 0o755)
+                        recorder = tarsplit.Recorder(head, os.path.join(pending.work, "layer",
+                                                                        tarsplit.RAW))
+                    elif need_blob:
+                        blob_file = open(blob_path, "wb")
+                        blob_file.write(head.head)      # what sniff() read already
+                        src.sink = blob_file
                     if compression == "none":
-                        tar_stream, tar_hash = head, src   # the blob is the tar
+                        tar_stream, tar_hash = recorder or head, src   # the blob is the tar
                     else:
                         tar_hash = dg.HashingReader(decompressing_reader(head, compression))
                         tar_stream = tar_hash
-                    result = None if pending.exists else pending.unpack(tar_stream)
+                    result = None if pending.exists else pending.unpack(tar_stream, recorder)
                     _drain(tar_stream)
                     src.drain()
                 finally:
@@ -503,14 +522,48 @@ class Store:
                 if blob_size is not None and src.size != blob_size:
                     raise dg.DigestError(f"layer blob {src.digest} has {src.size} bytes, "
                                          f"expected {blob_size}")
-                applied = pending.commit(tar_hash.digest, tar_hash.size, src.digest, compression)
-                if need_blob:
+                split = False
+                if recorder is not None:
+                    split = recorder.finish(os.path.join(pending.work, "layer"))
+                    if not split:
+                        os.unlink(os.path.join(pending.work, "layer", tarsplit.RAW))
+                applied = pending.commit(tar_hash.digest, tar_hash.size, src.digest, compression,
+                                         tar_split=split)
+                stored = not need_blob or blob_file is not None or (split and applied)
+                if blob_file is not None:
                     self.adopt_blob(blob_path, src.digest, verified=True)
             return LayerInfo(tar_hash.digest, tar_hash.size, src.digest, src.size, compression,
-                             applied, result)
+                             applied, result, blob_stored=stored or self.has_blob(src.digest))
+
+    # blobs kept as a layer's tar-split (uncompressed layers of docker archives)
+
+    def _split_layer(self, digest: str) -> str | None:
+        path = os.path.join(self.layer_path(digest), tarsplit.INDEX)
+        return self.layer_path(digest) if os.path.exists(path) else None
+
+    def open_blob(self, digest: str):
+        """A reader of the blob: its file, or rebuilt from a layer's tar-split
+        (checked against the digest as it ends)."""
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError:
+            pass
+        layer_dir = self._split_layer(digest)
+        if layer_dir is None:
+            raise StoreError(f"blob {digest} is not in the store")
+        return tarsplit.Reader(layer_dir, digest)
+
+    def blob_size(self, digest: str) -> int:
+        try:
+            return os.stat(self.blob_path(digest)).st_size
+        except FileNotFoundError:
+            pass
+        if self._split_layer(digest) is None:
+            raise StoreError(f"blob {digest} is not in the store")
+        return self.layer(digest).info()["size"]
 
     def apply_layer_from_blob(self, blob_digest: str, diff_id: str | None = None) -> LayerInfo:
-        with open(self.blob_path(blob_digest), "rb") as f:
+        with self.open_blob(blob_digest) as f:
             return self.apply_layer(f, diff_id=diff_id, blob_digest=blob_digest,
                                     keep_blob=False)
 
