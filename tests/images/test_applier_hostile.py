@@ -337,3 +337,21 @@ def test_root_entry_sets_the_root_directory_metadata(site):
     apply(root, [entry("./", "dir", mode=0o700, mtime=1_600_000_000), entry("f", data=b"x")])
     st = os.stat(root)
     assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_mtime == 1_600_000_000
+
+
+def test_without_chown_and_mknod_owners_are_dropped_and_devices_skipped(site):
+    """What a store does without CAP_CHOWN/CAP_MKNOD (docs/images.md, Rootless)."""
+    _, root = site
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        res = apply_tar(io.BytesIO(make_tar([
+            entry("owned", data=b"x", uid=1000, gid=1000, mode=0o640),
+            entry("dev/null", "char", dev=(1, 3)), entry("fifo", "fifo")])),
+            fd, may_chown=False, may_mknod=False)
+    finally:
+        os.close(fd)
+    assert (res.owners_dropped, res.devices_skipped) == (1, 1)
+    assert os.stat(root / "owned").st_uid == os.geteuid()
+    assert stat.S_IMODE(os.stat(root / "owned").st_mode) == 0o640
+    assert not os.path.exists(root / "dev" / "null") and stat.S_ISFIFO(
+        os.stat(root / "fifo").st_mode)

@@ -82,8 +82,9 @@ class _TarSource:
             self.members = {}
             for m in self.tf.getmembers():
                 self.members[_norm(m.name)] = m
-        except (tarfile.TarError, EOFError) as e:
-            raise ArchiveError(f"{path}: not a tar archive: {e}") from None
+        except (tarfile.TarError, EOFError):
+            raise ArchiveError(f"{path}: not a tar archive (plain, gzip, bzip2 or xz)") \
+                from None
 
     def _member(self, rel: str):
         name = _norm(rel)
