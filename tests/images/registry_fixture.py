@@ -34,8 +34,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(host: str, path: str, headers=None):
-    conn = http.client.HTTPConnection(host, timeout=5)
+def _get(host: str, path: str, headers=None, tls=False):
+    if tls:
+        import ssl
+        conn = http.client.HTTPSConnection(host, timeout=5,
+                                           context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection(host, timeout=5)
     try:
         conn.request("GET", path, headers=headers or {})
         resp = conn.getresponse()
@@ -47,10 +52,13 @@ def _get(host: str, path: str, headers=None):
 class Registry:
     """docker-registry serving root/data on 127.0.0.1:PORT.
 
-    auth: None, ("basic", {user: password}) or ("token", TokenServer)."""
+    auth: None, ("basic", {user: password}) or ("token", TokenServer);
+    tls: serve HTTPS with a self-signed certificate for 127.0.0.1 (cert_path)."""
 
-    def __init__(self, root, auth=None):
+    def __init__(self, root, auth=None, tls=False):
         self.root = str(root)
+        self.tls = tls
+        self.cert_path = os.path.join(self.root, "registry-cert.pem")
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.data = os.path.join(self.root, "data")
@@ -75,10 +83,41 @@ class Registry:
             ts = self.auth[1]
             lines.append(f"auth: {{token: {{realm: '{ts.realm}', service: {ts.service}, "
                          f"issuer: {ts.issuer}, rootcertbundle: {ts.cert_path}}}}}")
+        if self.tls:
+            key_path = self._self_signed()
+            lines[3] = lines[3][:-1] + (f", tls: {{certificate: {self.cert_path}, "
+                                        f"key: {key_path}}}}}")
         path = os.path.join(self.root, "config.yml")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
         return path
+
+    def _self_signed(self) -> str:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                .sign(key, hashes.SHA256()))
+        with open(self.cert_path, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        key_path = os.path.join(self.root, "registry-key.pem")
+        with open(key_path, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        return key_path
 
     def start(self) -> "Registry":
         os.makedirs(self.data, exist_ok=True)
@@ -91,7 +130,7 @@ class Registry:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {self.log_text()}")
             try:
-                status, _, _ = _get(self.host, "/v2/")
+                status, _, _ = _get(self.host, "/v2/", tls=self.tls)
                 if status in (200, 401):
                     return self
             except OSError:
@@ -152,6 +191,7 @@ class TokenServer:
         self.users, self.grants = users, grants
         self.service, self.issuer = service, issuer
         self.requests = []          # (user or None, [scopes]) per token request
+        self.broken = False         # answer 200 with something that is not a token
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unionfs test token signer")])
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -191,6 +231,12 @@ class TokenServer:
         user, ok = self._user(handler)
         scopes = query.get("scope", [])
         self.requests.append((user, scopes))
+        if self.broken:
+            handler.send_response(200)
+            handler.send_header("Content-Length", "9")
+            handler.end_headers()
+            handler.wfile.write(b"<html>hi!")
+            return
         if not ok:
             body = b'{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}'
             handler.send_response(401)
