@@ -114,3 +114,36 @@ def test_save_writes_an_archive_load_reads_back(tmp_path, layout):
                    store=store).returncode == 0
         r = run("load", "-i", str(out), store=tmp_path / f"back-{fmt}")
         assert r.stdout == "Loaded image: localhost/app:1\n", r.stderr
+
+
+def test_two_loads_of_overlapping_images_at_once(tmp_path):
+    """Both succeed, the shared base layer is unpacked once, nothing is left over."""
+    from unionfs.image import digest as dg
+    big = make_tar([entry(f"usr/f{i}", data=os.urandom(3000)) for i in range(1500)])
+    for name in ("one", "two"):
+        write_oci_layout(str(tmp_path / name), [big, make_tar([entry(name, data=b"x")])],
+                         ref_name=f"localhost/{name}:1")
+    store = tmp_path / "s"
+    procs = [subprocess.Popen([UNIONFS, "load", "-q", "-i", str(tmp_path / n), "--store",
+                               str(store)], stderr=subprocess.PIPE) for n in ("one", "two")]
+    for p in procs:
+        assert p.wait(120) == 0, p.stderr.read()
+    s = Store.open(str(store))
+    layers = sorted(os.listdir(store / "layers"))
+    assert len(layers) == 3 and dg.of_bytes(big)[7:] in layers
+    for n in ("one", "two"):
+        image = s.resolve(f"localhost/{n}:1")
+        assert len(os.listdir(os.path.join(image.layers[1].lowerdir(), "usr"))) == 1500
+    assert [e for e in os.listdir(store / "tmp") if e != "partial"] == []
+
+
+def test_prune_waits_for_a_writer(tmp_path, layout):
+    store_dir = tmp_path / "s"
+    store = Store.open(str(store_dir))
+    with store.writing():
+        pruner = subprocess.Popen([UNIONFS, "image", "prune", "--store", str(store_dir)],
+                                  stdout=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            pruner.wait(1.0)
+    assert pruner.wait(30) == 0
+    assert "Removed 0 images" in pruner.stdout.read()
