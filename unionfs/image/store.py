@@ -34,11 +34,10 @@ A layer is seen by the filesystem and the runner only through LayerSource:
 `diff_id` and `lowerdir()` (a directory to pass as a lower layer). A later
 lazily fetched layer implements the same two members.
 """
-import fcntl
 import json
 import os
-import shutil
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,16 +46,21 @@ from typing import Protocol
 from . import digest as dg
 from . import formats, tarsplit
 from . import reference as refs_mod
-from .applier import ApplyResult, apply_tar
+from .applier import ApplyResult
 from .compression import decompressing_reader, sniff
+from .staging import (  # noqa: F401 - part of this module's API
+    BlobWriter,
+    Lock,
+    PendingLayer,
+    StoreError,
+    may_chown_and_mknod,
+    remove_tree,
+    write_atomic,
+)
 
 STORE_ENV = "UNIONFS_STORE"
 LAYOUT_VERSION = 1
 CHUNK = 1 << 20
-
-
-class StoreError(Exception):
-    """A store operation failed (one line)."""
 
 
 class LayerSource(Protocol):
@@ -123,224 +127,12 @@ def default_path() -> str:
     return os.path.join(data, "unionfs")
 
 
-def may_chown_and_mknod() -> tuple[bool, bool]:
-    from ..fs import profile
-    caps = profile.effective_capabilities()
-    return profile.CAP_CHOWN in caps, profile.CAP_MKNOD in caps and \
-        profile.in_init_user_namespace()
-
-
-class _Lock:
-    """flock on a file under locks/: shared or exclusive, held for a block."""
-
-    def __init__(self, path: str, exclusive: bool, blocking: bool = True):
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-            fcntl.flock(self.fd, op if blocking else op | fcntl.LOCK_NB)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def write_atomic(path: str, data: bytes, durable: bool = True) -> None:
-    """Write a small file under a temporary name and rename it into place."""
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def remove_tree(path: str, trash_dir: str) -> None:
-    """Make a directory vanish at once (rename into the trash), then delete it."""
-    dest = tempfile.mkdtemp(dir=trash_dir, prefix="del-")
-    try:
-        os.rename(path, os.path.join(dest, "x"))
-    except FileNotFoundError:
-        pass
-    shutil.rmtree(dest, ignore_errors=True)
-
-
-class BlobWriter:
-    """A blob being written, resumable: the partial file tmp/partial/<hex>
-    stays when the writer is closed without commit(), and a later writer of
-    the same digest starts at `offset` (the registry client asks for the
-    rest with a Range request). Only one writer per digest at a time (flock).
-    Use as a context manager."""
-
-    def __init__(self, store: "Store", digest: str, size: int | None):
-        self.store = store
-        self.digest = digest
-        self.hex = dg.parse(digest)
-        self.size = size
-        self.done = store.has_blob(digest)
-        self.path = os.path.join(store.root, "tmp", "partial", self.hex)
-        self.file = None
-        self.hasher = None
-        self.offset = 0
-        if self.done:
-            return
-        self.file = open(self.path, "a+b")
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
-            self.done = store.has_blob(digest)      # written while we waited
-            import hashlib
-            self.hasher = hashlib.sha256()
-            self.file.seek(0)
-            while chunk := self.file.read(CHUNK):
-                self.hasher.update(chunk)
-                self.offset += len(chunk)
-            if size is not None and self.offset > size:
-                self.discard()
-                self.__init__(store, digest, size)
-        except BaseException:
-            self.close()
-            raise
-
-    def write(self, data) -> None:
-        if self.done:
-            raise StoreError(f"blob {self.digest} is complete already")
-        self.file.write(data)
-        self.hasher.update(data)
-        self.offset += len(data)
-        if self.size is not None and self.offset > self.size:
-            self.discard()
-            raise dg.DigestError(f"blob {self.digest} is larger than its {self.size} bytes")
-
-    def commit(self) -> str:
-        """Verify and move the blob into place; DigestError (and the partial
-        removed) if it does not match."""
-        if self.done:
-            self.close()
-            return self.digest
-        got = "sha256:" + self.hasher.hexdigest()
-        if got != self.digest or (self.size is not None and self.offset != self.size):
-            self.discard()
-            raise dg.DigestError(f"blob {self.digest} does not match its content "
-                                 f"(got {got}, {self.offset} bytes)")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        os.rename(self.path, self.store.blob_path(self.digest))
-        self.done = True
-        self.close()
-        return self.digest
-
-    def discard(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        self.close()
-        self.offset = 0
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class PendingLayer:
-    """A layer being unpacked: the applier writes into a temp dir under
-    tmp/, and commit() renames it to layers/<hex> once its diff_id is
-    verified; leaving the block without commit() removes the temp dir.
-
-        with store.writing(), store.pending_layer(expected_diff_id) as pending:
-            if not pending.exists:
-                result = pending.unpack(tar_reader)     # a consumer of the tar stream
-            pending.commit(diff_id_as_hashed, tar_size, blob_digest, compression)
-
-    With an expected diff_id the layer's lock is held for the whole block, so
-    two pulls sharing a layer unpack it once: the second finds `exists`."""
-
-    def __init__(self, store: "Store", diff_id: str | None):
-        self.store = store
-        self.expected = diff_id
-        if diff_id is not None:
-            dg.parse(diff_id)
-        self._lock = store.lock(f"layer-{dg.parse(diff_id)}.lock") if diff_id else None
-        self.exists = diff_id is not None and store.has_layer(diff_id)
-        self.work = store.tmpdir("layer-")
-        self.root = os.path.join(self.work, "layer", "diff")
-        self.unpacked = False
-
-    def unpack(self, tar_reader, recorder=None) -> ApplyResult:
-        """Apply the uncompressed tar stream (read up to its end marker)."""
-        os.makedirs(self.root, 0o755, exist_ok=True)
-        os.chmod(self.root, 0o755)
-        root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            may_chown, may_mknod = may_chown_and_mknod()
-            result = apply_tar(tar_reader, root_fd, may_chown=may_chown, may_mknod=may_mknod,
-                               recorder=recorder)
-        finally:
-            os.close(root_fd)
-        self.unpacked = True
-        return result
-
-    def commit(self, diff_id: str, size: int, blob_digest: str | None = None,
-               compression: str = "none", tar_split: bool = False) -> bool:
-        """Check the hashed diff_id and move the layer into place; False if
-        it was there already (this copy is dropped)."""
-        if self.expected is not None and diff_id != self.expected:
-            raise dg.DigestError(f"layer does not match its diff_id: expected {self.expected}, "
-                                 f"got {diff_id}")
-        if not self.unpacked:
-            return False
-        lock = self.store.lock(f"layer-{dg.parse(diff_id)}.lock") if self._lock is None else None
-        try:
-            if self.store.has_layer(diff_id):
-                return False
-            info = {"diff_id": diff_id, "size": size, "created": time.time(),
-                    "blob": blob_digest, "compression": compression, "tar_split": tar_split}
-            write_atomic(os.path.join(self.work, "layer", "layer.json"),
-                         json.dumps(info).encode(), durable=False)
-            os.rename(os.path.join(self.work, "layer"), self.store.layer_path(diff_id))
-            return True
-        finally:
-            if lock is not None:
-                lock.release()
-
-    def close(self) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 class Store:
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self._writing_depth = 0
         self._writing_lock = None
+        self._writing_mutex = threading.Lock()  # writers may be worker threads
 
     @classmethod
     def open(cls, path: str | None = None) -> "Store":
@@ -371,23 +163,27 @@ class Store:
         if found != LAYOUT_VERSION:
             raise StoreError(f"{self.root} is not a unionfs store of layout {LAYOUT_VERSION}")
 
-    def lock(self, name: str, exclusive: bool = True, blocking: bool = True) -> _Lock:
-        return _Lock(self.p("locks", name), exclusive, blocking)
+    def lock(self, name: str, exclusive: bool = True, blocking: bool = True) -> Lock:
+        return Lock(self.p("locks", name), exclusive, blocking)
 
     @contextmanager
     def writing(self):
         """Hold the store's shared lock: prune and image removal (exclusive)
-        wait until no writer is inside. Re-entrant within this object."""
-        if self._writing_depth == 0:
-            self._writing_lock = self.lock("gc.lock", exclusive=False)
-        self._writing_depth += 1
+        wait until no writer is inside. Re-entrant within this object and
+        safe from several threads (one shared lock for all of them). Never
+        call gc's functions while holding it (they would wait for it)."""
+        with self._writing_mutex:
+            if self._writing_depth == 0:
+                self._writing_lock = self.lock("gc.lock", exclusive=False)
+            self._writing_depth += 1
         try:
             yield self
         finally:
-            self._writing_depth -= 1
-            if self._writing_depth == 0:
-                self._writing_lock.release()
-                self._writing_lock = None
+            with self._writing_mutex:
+                self._writing_depth -= 1
+                if self._writing_depth == 0:
+                    self._writing_lock.release()
+                    self._writing_lock = None
 
     def tmpdir(self, prefix: str) -> str:
         return tempfile.mkdtemp(dir=self.p("tmp"), prefix=prefix)
