@@ -7,7 +7,7 @@ import tempfile
 
 import podman_env
 import pytest
-from podman_env import Podman, TestUser
+from podman_env import Podman, PodmanUser
 
 # What fuse-unionfs does not do yet, per test and mode; each entry is a strict
 # xfail, so a fix shows up as XPASS (a failure) and the entry must go.
@@ -86,7 +86,7 @@ def rootfs_tar(podman_workspace):
 
 @pytest.fixture(scope="session")
 def test_user():
-    user = TestUser(f"ufspm{os.getpid() % 100000}")
+    user = PodmanUser(f"ufspm{os.getpid() % 100000}")
     try:
         yield user
     finally:

@@ -6,6 +6,7 @@
 import os
 import stat
 
+import podman_env
 import pytest
 from podman_env import MODES, PROGRAMS
 
@@ -90,7 +91,7 @@ def upper_override(upper: str, name: str) -> tuple:
 
 def run_force_mask_changes(pm):
     proc = pm.run_container(CHANGE, "--name", "fm", rm=False)
-    upper = pm.container_upper("fm")
+    upper = podman_env.container_upper(pm, "fm")
     disk = {n: upper_override(upper, n) for n in ("new", "d", "data/sub/f")} \
         if proc.returncode == 0 else {}
     again = pm.run_container(SHOW)

@@ -6,6 +6,7 @@ as a plain user; fuse-unionfs's observations must equal fuse-overlayfs's.
 """
 import os
 
+import podman_env
 import pytest
 from podman_env import MODES, PROGRAMS
 
@@ -93,18 +94,13 @@ def test_volumes_and_etc_hosts_after_listing_root(podman, oracle):
 RUNS = 20
 
 
-def layer_dirs(pm):
-    """The storage's layer directories and layer links."""
-    overlay = os.path.join(pm.root, "overlay")
-    return sorted(os.listdir(overlay)) + sorted(os.listdir(os.path.join(overlay, "l")))
-
-
 def run_many(pm):
-    before = layer_dirs(pm)
+    before = podman_env.layer_dirs(pm)
     codes = [pm.run_container("true").returncode for _ in range(RUNS)]
     left = pm.run("ps", "-aq").stdout.split()
-    return {"codes": codes, "containers": left, "mounts": pm.mounts_left(),
-            "servers": pm.servers_left(), "layers_unchanged": layer_dirs(pm) == before}
+    return {"codes": codes, "containers": left, "mounts": podman_env.mounts_left(pm),
+            "servers": podman_env.servers_left(pm),
+            "layers_unchanged": podman_env.layer_dirs(pm) == before}
 
 
 def test_twenty_runs_leave_nothing_behind(podman, oracle):
