@@ -355,3 +355,23 @@ def test_without_chown_and_mknod_owners_are_dropped_and_devices_skipped(site):
     assert stat.S_IMODE(os.stat(root / "owned").st_mode) == 0o640
     assert not os.path.exists(root / "dev" / "null") and stat.S_ISFIFO(
         os.stat(root / "fifo").st_mode)
+
+
+def test_many_and_deep_directories_with_a_bounded_fd_cache(site):
+    _, root = site
+    wide = [entry(f"w{i}/f", data=b"x") for i in range(700)]            # > the fd cache
+    deep = "/".join(f"d{i}" for i in range(300))
+    res = apply(root, wide + [entry(f"{deep}/leaf", data=b"deep"),
+                              entry("w0/again", data=b"back in an evicted dir"),
+                              entry("w1/link", "hardlink", link="w699/f"),
+                              entry(f"{deep}/link", "hardlink", link="w3/f")])
+    assert (root / "w0" / "again").read_bytes() == b"back in an evicted dir"
+    assert os.stat(root / "w699" / "f").st_nlink == 2
+    assert (root / deep / "leaf").read_bytes() == b"deep" and res.files == 702
+    assert len(os.listdir("/proc/self/fd")) < 64            # every fd closed
+
+
+def test_huge_owner_or_time_is_one_clear_error(site):
+    _, root = site
+    refused(root, [entry("f", data=b"x", pax={"mtime": "1" + "0" * 40})],
+            r"entry 'f': .*(too large|out of range|overflow)")

@@ -43,6 +43,7 @@ from ..fs import whiteout
 _DIR_OPEN = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_CHUNK = 1 << 20
+MAX_DIR_FDS = 256     # directory fds kept open while applying (a layer may have 100k dirs)
 _SKIPPABLE_XATTR_ERRNOS = (errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.EINVAL)
 
 
@@ -126,15 +127,22 @@ class _Applier:
         self.recorder = recorder        # a tarsplit.Recorder, or None
         self.may_chown = may_chown
         self.may_mknod = may_mknod
-        self.dirs = {(): root_fd}       # components -> O_PATH fd (root not owned)
+        self.dirs = {(): root_fd}       # components -> O_PATH fd (root not owned), LRU order
+        self.used = {}                  # components -> the entry number that last used it
+        self.op = 0                     # the entry being applied
         self.dir_meta = {}              # components -> _DirMeta, applied at the end
         self.result = ApplyResult()
 
     # --- directories -------------------------------------------------------
 
     def dir_fd(self, parts: tuple, create: bool, entry: str) -> int:
-        fd = self.dirs.get(parts)
+        """The directory at `parts` (made if missing and `create`). fds stay
+        valid until the next entry: the cache only evicts fds last used by
+        an earlier entry."""
+        fd = self.dirs.pop(parts, None)
         if fd is not None:
+            self.dirs[parts] = fd       # most recently used last
+            self.used[parts] = self.op
             return fd
         parent = self.dir_fd(parts[:-1], create, entry)
         name = parts[-1]
@@ -157,12 +165,24 @@ class _Applier:
                                  f"directory in the layer") from None
             raise
         self.dirs[parts] = fd
+        self.used[parts] = self.op
+        if len(self.dirs) > MAX_DIR_FDS:
+            self.evict()
         return fd
+
+    def evict(self) -> None:
+        for key in list(self.dirs):
+            if len(self.dirs) <= MAX_DIR_FDS // 2:
+                break
+            if key and self.used[key] < self.op:
+                os.close(self.dirs.pop(key))
+                del self.used[key]
 
     def forget_dirs_under(self, parts: tuple) -> None:
         n = len(parts)
         for key in [k for k in self.dirs if k[:n] == parts and k]:
             os.close(self.dirs.pop(key))
+            del self.used[key]
         for key in [k for k in self.dir_meta if k[:n] == parts]:
             del self.dir_meta[key]
 
@@ -171,6 +191,7 @@ class _Applier:
             if key:
                 os.close(fd)
         self.dirs = {(): self.root_fd}
+        self.used = {}
 
     # --- replacing an earlier entry -------------------------------------------
 
@@ -230,6 +251,7 @@ class _Applier:
     def apply(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         parts = normalize(m.name)
         self.result.entries += 1
+        self.op += 1
         if not parts:
             if not m.isdir():
                 raise LayerError(f"entry {m.name!r}: only a directory may stand for "
@@ -360,6 +382,7 @@ class _Applier:
     def finish(self) -> None:
         # deepest first, so that nothing set here is disturbed by a later step
         for parts in sorted(self.dir_meta, key=len, reverse=True):
+            self.op += 1
             meta = self.dir_meta[parts]
             fd = self.dir_fd(parts, False, _show(parts))
             path = whiteout.fd_path(fd)
@@ -425,7 +448,7 @@ def apply_tar(fileobj, root_fd: int, *, may_chown: bool, may_mknod: bool,
                 raise
             except OSError as e:
                 raise LayerError(f"entry {m.name!r}: {e.strerror}") from None
-            except ValueError as e:     # e.g. an embedded NUL in a link target
+            except (ValueError, OverflowError) as e:    # a NUL in a link, a huge id or time
                 raise LayerError(f"entry {m.name!r}: {e}") from None
         applier.finish()
     except tarfile.TarError as e:
