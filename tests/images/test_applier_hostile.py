@@ -375,3 +375,20 @@ def test_huge_owner_or_time_is_one_clear_error(site):
     _, root = site
     refused(root, [entry("f", data=b"x", pax={"mtime": "1" + "0" * 40})],
             r"entry 'f': .*(too large|out of range|overflow)")
+
+
+def test_a_tar_without_its_end_of_archive_blocks_is_read_to_its_end(site):
+    """umoci insert (0.4.7) writes such tars."""
+    _, root = site
+    raw = make_tar([entry("a", data=b"x" * 700), entry("b", data=b"y")])
+    end = len(raw)
+    while raw[end - 512:end] == bytes(512):
+        end -= 512
+    apply(root, None, raw=raw[:end])
+    assert (root / "a").read_bytes() == b"x" * 700 and (root / "b").read_bytes() == b"y"
+
+
+def test_an_empty_archive_is_an_empty_layer(site):
+    _, root = site
+    assert apply(root, None, raw=bytes(1024)).entries == 0
+    assert os.listdir(root) == []
