@@ -265,3 +265,13 @@ def test_tar_split_blobs_are_collected_with_their_layer(store):
     store.apply_layer(io.BytesIO(BASE), diff_id=sha(BASE), tar_split=True)
     gc.prune(store)
     assert not store.has_blob(sha(BASE)) and store.layer_ids() == []
+
+
+def test_prepare_gives_the_runner_layers_config_and_dirs(store):
+    store_image(store, [BASE, TOP], ["localhost/app:1"], run={"Cmd": ["/app"], "Env": ["A=1"]})
+    c, image = containers.prepare(store, "localhost/app:1", name="r1", command=["sh"])
+    assert image.lowerdirs == c.lowerdirs(store)
+    assert os.path.exists(os.path.join(image.lowerdirs[0], "app"))       # top first
+    assert image.config.run_config == {"Cmd": ["/app"], "Env": ["A=1"]} == c.config
+    assert os.listdir(c.upper) == [] and os.listdir(c.work) == []
+    assert containers.get(store, "r1").command == ["sh"]

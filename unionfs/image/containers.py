@@ -1,7 +1,8 @@
 """Container records in the store: containers/<id>/container.json plus the
 container's upper/ and work/ dirs. What the runner needs from the store.
 
-    c = containers.create(store, image, name=None, command=None)
+    c, image = containers.prepare(store, "busybox", name=None, command=None)
+    c = containers.create(store, image, ref, name=None, command=None)
     c.upper, c.work, c.lowerdirs (top first), c.config (the image's run config)
     containers.update(store, c.id, state="running", pid=..., ...)
     containers.get(store, "name-or-id-prefix"); containers.list_all(store)
@@ -143,6 +144,15 @@ def create(store: Store, image: Image, ref: str, name: str | None = None,
             return c
         finally:
             lock.release()
+
+
+def prepare(store: Store, ref: str, name: str | None = None,
+            command: list | None = None) -> tuple:
+    """What `unionfs run IMAGE` needs: the image resolved (its `lowerdirs`
+    top first, `config.run_config`) and a new container record with empty
+    upper and work dirs. Returns (container, image)."""
+    image = store.resolve(ref)
+    return create(store, image, ref, name, command), image
 
 
 def update(store: Store, cid: str, **fields) -> Container:
