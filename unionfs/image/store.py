@@ -7,8 +7,8 @@ Public API (stable; the registry client, the runner and the CLI use only this):
     with store.writing():               # a shared lock that keeps prune/rm out; every
         ...                             # method below takes it too, nesting is fine
     # blobs (verified on the way in; never trusted)
-    store.has_blob(digest) -> bool
-    store.blob_path(digest) -> str
+    store.has_blob(digest) -> bool                       # a file, or a layer's tar-split
+    store.blob_path(digest) -> str                       # the file (absent for tar-splits)
     store.read_blob(digest) -> bytes                     # small blobs (manifests, configs)
     store.open_blob(digest) -> reader; store.blob_size(digest) -> int   # any blob
     store.add_blob_bytes(data, expected=None) -> digest
@@ -28,7 +28,11 @@ Public API (stable; the registry client, the runner and the CLI use only this):
     store.tag(name, manifest_digest); store.untag(name); store.refs() -> {name: digest}
     store.resolve(ref) -> Image       # .layers top-first (LayerSource), .config, ...
     store.images() -> [Image]
-Containers (records, upper/work dirs) are in containers.py, housekeeping in gc.py.
+Containers (records, upper/work dirs; `containers.prepare(store, ref)` for the
+runner) are in containers.py, housekeeping in gc.py, what is built in tmp/
+(locks, BlobWriter, PendingLayer) in staging.py. A whole pull or load should
+run inside one `store.writing()`, so that prune cannot take a blob or layer
+it stored before its image is recorded.
 
 A layer is seen by the filesystem and the runner only through LayerSource:
 `diff_id` and `lowerdir()` (a directory to pass as a lower layer). A later
