@@ -318,6 +318,17 @@ def measure_podman_run(reps: int, modes, workdir: str, notes: dict, seed: int = 
             user.remove()
 
 
+def _remove_tree(path: str) -> None:
+    """rmtree, retried: a server may still be emptying its workdir just after
+    `umount` returned (seen with fuse-unionfs: its ready inodes vanish mid-walk)."""
+    for _ in range(40):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"cannot remove {path}")
+
+
 def measure_mount(reps: int, workdir: str, seed: int = 0) -> list:
     """The mount program alone, as root: from exec to the mount being live
     (the program daemonizes and exits then), and `umount` to its return."""
@@ -336,7 +347,7 @@ def measure_mount(reps: int, workdir: str, seed: int = 0) -> list:
             ready = _timed([program_path(program), "-o",
                             f"lowerdir={lower},upperdir={upper},workdir={work}", mnt])
             gone = _timed(["umount", mnt])
-            shutil.rmtree(run)
+            _remove_tree(run)
             if rep >= 0:
                 for metric, seconds in (("mount_ready_time", ready), ("umount_time", gone)):
                     records.append({"impl": program, "workload": "mount-program",
@@ -423,7 +434,7 @@ def main(argv=None) -> int:
     else:
         notes["rootless"] = (f"skipped: {fuse_unionfs_program()} is not executable by a plain "
                              "user (set UNIONFS_FUSE_UNIONFS to one that is)")
-    workdir = tempfile.mkdtemp(prefix="unionfs-bench-podman-", dir="/tmp")
+    workdir = tempfile.mkdtemp(prefix="ufsbp-", dir="/tmp")     # podman: runroot < 50 chars
     os.chmod(workdir, 0o755)
     try:
         records = measure_podman_run(args.reps, modes, workdir, notes)

@@ -131,3 +131,18 @@ def test_force_mask_shared_create_modes_and_partial_changes(make_podman, program
     got = run_force_mask_create(pm)
     assert got == {"rc": 0, "out": ["/new 0:7 644", "/d 9:0 755", "/private 0:0 700",
                                     "/s 0:0 600", "/data/owned 1000:1000 600"]}
+
+
+RESTART = "echo more >> /etc/secret; stat -c '%n %u:%g %a' /etc/secret"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_force_mask_shared_copy_up_keeps_the_mode_after_restart(make_podman, program, mode):
+    """An append copies /etc/secret (0600) up; started again (a fresh mount
+    reads the upper's override) it must still be 0600, not the 0755 its copy
+    has on disk."""
+    pm = make_podman(program, mode == "rootless", FORCE_MASK)
+    first = pm.run_container(RESTART, "--name", "again", rm=False)
+    second = pm.run("start", "--attach", "again", check=False)
+    assert (first.returncode, second.returncode) == (0, 0), second.stderr
+    assert [first.stdout.strip(), second.stdout.strip()] == ["/etc/secret 0:0 600"] * 2
