@@ -206,3 +206,24 @@ def test_podman_loads_and_runs_a_saved_image(committed, fmt, tmp_path):
         podman(root, "system", "reset", "-f", check=False)
         subprocess.run(["umount", "-R", f"{root}/root/overlay"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_podman_runs_a_docker_archive_image_saved_from_its_tar_splits(built, tmp_path):  # noqa: F811
+    """Layers loaded from a docker archive are kept as tar-splits; saved, they are
+    rebuilt byte for byte and podman takes them."""
+    need("podman", "runc")
+    store = Store.open(str(tmp_path / "store"))
+    archive.load(store, built.docker_archive)
+    out = tmp_path / "again.tar"
+    archive.save(store, ["localhost/final:latest"], str(out), "docker-archive")
+    root = tempfile.mkdtemp(prefix="img-pm-", dir="/tmp")
+    try:
+        podman(root, "load", "-i", str(out))
+        got = podman(root, "run", "--rm", "--pull", "never", "--network", "none",
+                     "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768",
+                     "localhost/final:latest", "sh", "-c", "ls /etc; cat /data/f")
+        assert got.split() == ["new", "changed"]
+    finally:
+        podman(root, "system", "reset", "-f", check=False)
+        subprocess.run(["umount", "-R", f"{root}/root/overlay"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
