@@ -221,8 +221,9 @@ def test_podman_runs_a_docker_archive_image_saved_from_its_tar_splits(built, tmp
         podman(root, "load", "-i", str(out))
         got = podman(root, "run", "--rm", "--pull", "never", "--network", "none",
                      "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768",
-                     "localhost/final:latest", "sh", "-c", "ls /etc; cat /data/f")
-        assert got.split() == ["new", "changed"]
+                     "localhost/final:latest", "sh", "-c",
+                     "test -e /etc/keep || echo keep gone; cat /etc/new /data/f")
+        assert got.split("\n") == ["keep gone", "only", "changed", ""]
     finally:
         podman(root, "system", "reset", "-f", check=False)
         subprocess.run(["umount", "-R", f"{root}/root/overlay"], capture_output=True)
