@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from unionfs.fs import copyup
-from unionfs.fs.core import Union
+from unionfs.fs import copyplan, copyup
 from unionfs.fs.inodes import ROOT_INO
+from unionfs.fs.union import Union
 
 MIB = 1 << 20
 
@@ -42,9 +42,9 @@ def test_copy_up_takes_its_inodes_from_the_pool(tmp_path):
     paths = make_stack(tmp_path)
     u = open_union(paths)
     try:
-        u.temp_pool.refill()
+        u.stack.temp_pool.refill()
         pooled = {os.lstat(paths["work"] / "work" / n).st_ino for n in workdir_names(paths)}
-        u.copy_up(node_of(u, "d/f"))
+        copyplan.copy_inline(u.stack, node_of(u, "d/f"))
         copied = [os.lstat(paths["upper"] / p).st_ino for p in ("d", "d/f")]
         assert set(copied) <= pooled
     finally:
@@ -57,8 +57,8 @@ def test_pooled_copy_has_the_lower_data_and_metadata(tmp_path):
     os.chmod(paths["lower"] / "d" / "f", 0o640)
     u = open_union(paths)
     try:
-        u.temp_pool.refill()
-        u.copy_up(node_of(u, "d/f"))
+        u.stack.temp_pool.refill()
+        copyplan.copy_inline(u.stack, node_of(u, "d/f"))
     finally:
         u.close()
     assert (paths["upper"] / "d" / "f").read_bytes() == (paths["lower"] / "d" / "f").read_bytes()
@@ -69,7 +69,7 @@ def test_pooled_copy_has_the_lower_data_and_metadata(tmp_path):
 def test_closing_the_union_removes_the_pool(tmp_path):
     paths = make_stack(tmp_path)
     u = open_union(paths)
-    u.temp_pool.refill()
+    u.stack.temp_pool.refill()
     assert workdir_names(paths)
     u.close()
     assert workdir_names(paths) == set()
@@ -78,7 +78,7 @@ def test_closing_the_union_removes_the_pool(tmp_path):
 def test_a_closed_pool_is_not_refilled(tmp_path):
     paths = make_stack(tmp_path)
     u = open_union(paths)
-    pool = u.temp_pool
+    pool = u.stack.temp_pool
     u.close()
     assert not pool.wanted()
 
@@ -99,8 +99,8 @@ def test_refused_clone_leaves_nothing_and_the_job_can_run_again(tmpfs):
     u = open_union(paths)
     try:
         node = node_of(u, "d/f")
-        u.copy_up(node.parent)
-        job = u.copyup_job(node)
+        copyplan.copy_inline(u.stack, node.parent)
+        job = u.copy_job(node)
         job.clone_only = True
         job.devs = ("test", "no-reflink")    # a pair not learnt yet: FICLONE is tried
         before = workdir_names(paths)
@@ -137,11 +137,11 @@ def test_on_a_reflink_filesystem_a_data_copy_up_is_an_inline_clone(xfs):
     u = open_union(paths)
     try:
         node = node_of(u, "d/f")
-        u.copy_up(node.parent)
-        job = u.copyup_job(node)
+        copyplan.copy_inline(u.stack, node.parent)
+        job = u.copy_job(node)
         assert job.clone_only      # learnt at open: no worker thread needed
         copyup.run(job)
-        u.commit_copyup(node, job)
+        u.commit_copy(node, job)
     finally:
         u.close()
     assert (paths["upper"] / "d" / "f").read_bytes() == (paths["lower"] / "d" / "f").read_bytes()

@@ -6,8 +6,8 @@ import stat
 import pytest
 
 from unionfs.fs import whiteout
-from unionfs.fs.core import Caller, Union
 from unionfs.fs.inodes import ROOT_INO
+from unionfs.fs.union import Caller, Union
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def test_new_entry_in_setgid_directory_takes_its_group(stack, union):
     os.chown(stack["l1"] / "d", 0, 1234)
     os.chmod(stack["l1"] / "d", 0o2775)
     d = lookup(union, "d")
-    node, (st, _) = union.mkdir(d.ino, b"sub", 0o755, Caller(1000, 1000, 0o022))
+    node, (st, _, _) = union.mkdir(d.ino, b"sub", 0o755, Caller(1000, 1000, 0o022))
     assert st.st_gid == 1234 and st.st_mode & stat.S_ISGID and st.st_uid == 1000
 
 

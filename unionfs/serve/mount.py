@@ -112,7 +112,7 @@ def fuse_options(cfg: MountConfig) -> set:
 
 
 def _open_union(cfg: MountConfig):
-    from ..fs.core import Union
+    from ..fs.union import Union
     try:
         return Union(cfg.lowers, cfg.upper, cfg.work, whiteout_format=cfg.whiteout_format,
                      durable=not cfg.volatile, metacopy=cfg.metacopy)
