@@ -93,10 +93,10 @@ def make_job(stack: Stack, node: Node, meta_only: bool = False) -> copyup.CopyJo
         raise err(errno.ENOENT, node.path())
     devs = (stack.layers[src_layer].dev, stack.layers[UPPER].dev)
     clone_only = kind != copyup.META and stat.S_ISREG(st.st_mode) and st.st_size > 0 \
-        and copyup.reflink_expected(devs)
+        and stack.reflinks.expected(devs)
     return copyup.CopyJob(os.dup(src_dir), node.name, os.dup(dst_dir), os.dup(stack.work_fd),
                           st, node.key, stack.durable, kind, devs, clone_only,
-                          stack.temp_pool, stack.profile.xattr_ns)
+                          stack.temp_pool, stack.reflinks, stack.profile.xattr_ns)
 
 
 def commit(stack: Stack, node: Node, job: copyup.CopyJob) -> None:

@@ -37,6 +37,26 @@ META = "meta"       # metadata only: a sparse file marked metacopy; data stays b
 DATA = "data"       # complete a metacopy file: lower data + upper metadata, replacing it
 
 
+class Reflinks:
+    """What one stack has learnt about cloning: the (source st_dev,
+    destination st_dev) pairs on which FICLONE worked, or failed. Shared by
+    the stack's copy jobs (set updates are atomic under the GIL)."""
+
+    def __init__(self):
+        self.works: set = set()
+        self.fails: set = set()
+
+    def expected(self, devs: tuple) -> bool:
+        return devs in self.works
+
+    def worth_trying(self, devs: tuple) -> bool:
+        return devs not in self.fails
+
+    def learn(self, devs: tuple, ok: bool) -> None:
+        (self.works if ok else self.fails).add(devs)
+        (self.fails if ok else self.works).discard(devs)
+
+
 @dataclass
 class CopyJob:
     src_dir: int          # fd (O_PATH) of the data source's parent directory in its layer
@@ -50,6 +70,7 @@ class CopyJob:
     devs: tuple = ()      # (source layer st_dev, upper st_dev)
     clone_only: bool = False  # data by FICLONE or not at all (NotCloned): run inline
     pool: TempPool | None = None
+    reflinks: Reflinks | None = None
     xattr_ns: str = "trusted"   # of the origin and metacopy xattrs we write
 
     @property
@@ -81,20 +102,11 @@ def copy_xattrs(src_path: bytes, dst_path: bytes, follow: bool) -> None:
                 raise
 
 
-# (source st_dev, destination st_dev) pairs on which FICLONE failed, or worked
-_NO_REFLINK: set = set()
-_REFLINK: set = set()
-
-
 class NotCloned(Exception):
     """A clone_only job could not reflink; its fds are still open for a full copy."""
 
 
-def reflink_expected(devs: tuple) -> bool:
-    return devs in _REFLINK
-
-
-def probe_reflink(work_dir: int, devs: tuple) -> bool:
+def probe_reflink(work_dir: int, devs: list, reflinks: Reflinks) -> bool:
     """Can the workdir's filesystem reflink? Learnt once, at mount, for the
     (source st_dev, upper st_dev) pairs in devs (all with the workdir's
     st_dev), so that a clone, which costs no more than a create, never waits
@@ -115,23 +127,27 @@ def probe_reflink(work_dir: int, devs: tuple) -> bool:
             os.close(fd)
         for name in names[:len(fds)]:
             os.unlink(name, dir_fd=work_dir)
-    (_REFLINK if ok else _NO_REFLINK).update(devs)
+    for pair in devs:
+        reflinks.learn(pair, ok)
     return ok
 
 
 def copy_data(src: int, dst: int, size: int, blocks: int | None = None,
-              devs: tuple = (), clone_only: bool = False) -> bool:
+              devs: tuple = (), clone_only: bool = False,
+              reflinks: Reflinks | None = None) -> bool:
     """Copy size bytes; blocks (st_blocks of src) tells a file with no holes,
-    which needs no hole scan; devs (source and destination st_dev) remembers
-    filesystems that cannot reflink. True when the data was reflinked."""
-    if devs not in _NO_REFLINK:
+    which needs no hole scan; devs (source and destination st_dev) and
+    reflinks remember filesystems that cannot reflink. True when the data
+    was reflinked."""
+    if reflinks is None or reflinks.worth_trying(devs):
         try:
             fcntl.ioctl(dst, libc.FICLONE, src)
-            _REFLINK.add(devs)
+            if reflinks is not None:
+                reflinks.learn(devs, True)
             return True
         except OSError:
-            _NO_REFLINK.add(devs)
-            _REFLINK.discard(devs)
+            if reflinks is not None:
+                reflinks.learn(devs, False)
     if clone_only:
         raise NotCloned()
     if blocks is not None and blocks * 512 >= size:
@@ -240,7 +256,7 @@ def _run(job: CopyJob) -> None:
                 try:
                     shared_data = copy_data(src, fd, st.st_size,
                                             None if job.kind == DATA else st.st_blocks, job.devs,
-                                            job.clone_only)
+                                            job.clone_only, job.reflinks)
                 finally:
                     os.close(src)
         elif stat.S_ISDIR(mode):

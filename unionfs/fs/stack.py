@@ -49,6 +49,7 @@ class Stack:
         self.layers: list[Layer | None] = [None]
         self.work_fd = -1
         self.temp_pool: workdir.TempPool | None = None
+        self.reflinks = copyup.Reflinks()
         self.handles: dict = {}         # fh -> files.Handle | files.DirHandle
         self.next_fh = 1
         # True: operations copy up themselves (tests, tools); the FUSE adapter
@@ -69,7 +70,7 @@ class Stack:
                 dev = self.layers[UPPER].dev
                 same_fs = [(layer.dev, dev) for layer in self.layers if layer.dev == dev]
                 if len(same_fs) > 1:    # a lower layer on the upper's filesystem
-                    copyup.probe_reflink(self.work_fd, same_fs)
+                    copyup.probe_reflink(self.work_fd, same_fs, self.reflinks)
             self.profile = profile.probe(self.work_fd if self.writable else None,
                                          whiteout_format)
         except BaseException:
