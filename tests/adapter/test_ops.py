@@ -1,7 +1,6 @@
 """The pyfuse3 adapter without a mount: handlers called directly under trio
 on a Union over temporary directories (no kernel session: pyfuse3's
 notifications then fail with EINVAL, which the adapter tolerates)."""
-import errno
 import logging
 import os
 import threading
@@ -13,25 +12,22 @@ import trio
 
 from unionfs.fs import copyup
 from unionfs.fs.inodes import ROOT_INO
-from unionfs.fs.union import Union
 from unionfs.fuse import copier, ops
 
 CTX = types.SimpleNamespace(uid=0, gid=0, umask=0o022, pid=os.getpid())
 
 
 @pytest.fixture
-def layers(tmp_path):
-    paths = {n: tmp_path / n for n in ("lower", "upper", "work")}
-    for p in paths.values():
-        p.mkdir()
-    (paths["lower"] / "f").write_bytes(b"lower" * 100_000)     # 500 kB: not a quick copy
-    (paths["lower"] / "g").write_bytes(b"g")
-    return paths
+def layers(make_stack):
+    stack = make_stack(1)
+    (stack.lowers[0] / "f").write_bytes(b"lower" * 100_000)     # 500 kB: not a quick copy
+    (stack.lowers[0] / "g").write_bytes(b"g")
+    return stack
 
 
 @pytest.fixture
 def adapter(layers):
-    u = Union([str(layers["lower"])], str(layers["upper"]), str(layers["work"]))
+    u = layers.open_union()
     yield ops.Operations(u)
     u.close()
 
@@ -40,26 +36,20 @@ def run(fn, *args):
     return trio.run(fn, *args)
 
 
-def fuse_errno(excinfo):
-    return excinfo.value.errno
-
-
 @pytest.mark.parametrize("call", [
     lambda a: a.read(12345, 0, 10),
     lambda a: a.write(12345, 0, b"x"),
     lambda a: a.fsync(12345, False),
 ])
 def test_an_unknown_file_handle_is_ebadf(adapter, call):
-    with pytest.raises(pyfuse3.FUSEError) as e:
+    with pytest.raises(pyfuse3.FUSEError, match="Bad file descriptor"):
         run(call, adapter)
-    assert fuse_errno(e) == errno.EBADF
 
 
 def test_a_directory_handle_is_not_a_file_handle(adapter):
     fh = run(adapter.opendir, ROOT_INO, CTX)
-    with pytest.raises(pyfuse3.FUSEError) as e:
+    with pytest.raises(pyfuse3.FUSEError, match="Bad file descriptor"):
         run(adapter.read, fh, 0, 10)
-    assert fuse_errno(e) == errno.EBADF
 
 
 def test_an_internal_error_is_eio_with_its_traceback_logged(adapter, caplog, monkeypatch):
@@ -67,9 +57,8 @@ def test_an_internal_error_is_eio_with_its_traceback_logged(adapter, caplog, mon
         raise ZeroDivisionError("a bug")
     monkeypatch.setattr(adapter.u, "readlink", broken)
     with caplog.at_level(logging.ERROR, logger="unionfs"):
-        with pytest.raises(pyfuse3.FUSEError) as e:
+        with pytest.raises(pyfuse3.FUSEError, match="Input/output error"):
             run(adapter.readlink, ROOT_INO, CTX)
-    assert fuse_errno(e) == errno.EIO
     assert "ZeroDivisionError" in caplog.text
 
 
@@ -86,8 +75,8 @@ def test_a_data_copy_up_runs_in_a_worker_thread(adapter, layers, monkeypatch):
         await adapter.rename(ROOT_INO, b"f", ROOT_INO, b"moved", 0, CTX)
     run(rename)
     assert threads and all(name.startswith("copy-up") for name in threads)
-    assert (layers["upper"] / "moved").read_bytes() == (layers["lower"] / "f").read_bytes()
-    assert os.stat(layers["upper"] / "f", follow_symlinks=False).st_rdev == 0   # a whiteout
+    assert (layers.upper / "moved").read_bytes() == (layers.lowers[0] / "f").read_bytes()
+    assert os.stat(layers.upper / "f", follow_symlinks=False).st_rdev == 0   # a whiteout
 
 
 def test_unlink_waits_for_the_copy_up_in_flight(adapter, layers, monkeypatch):
@@ -109,5 +98,5 @@ def test_unlink_waits_for_the_copy_up_in_flight(adapter, layers, monkeypatch):
             order.append("unlinked")
     run(both)
     assert order == ["opened", "unlinked"]
-    assert sorted(os.listdir(layers["upper"])) == ["f"]       # only the whiteout
-    assert os.stat(layers["upper"] / "f", follow_symlinks=False).st_rdev == 0
+    assert sorted(os.listdir(layers.upper)) == ["f"]       # only the whiteout
+    assert os.stat(layers.upper / "f", follow_symlinks=False).st_rdev == 0

@@ -14,8 +14,6 @@ import time
 
 import pytest
 
-from mountutil import Stack
-
 DELAY = 1.5         # each copy-up's wait in its worker thread
 ARRIVE = 0.4        # when the second request is sent, after the first
 LOWER_DATA = b"lower-data" * 10_000
@@ -77,8 +75,7 @@ def make_layers(stack):
     (stack.lowers[0] / "other").write_bytes(b"other")
 
 
-def run_on_kernel(tmp_path, second):
-    stack = Stack(tmp_path / "kernel")
+def run_on_kernel(stack, second):
     make_layers(stack)
     with stack.kernel():
         write_open(stack.mnt / "f", 0, b"A")
@@ -110,10 +107,10 @@ def run_mid_copy(stack, second):
 
 @pytest.mark.parametrize("fmt", ["kernel", "oci"])
 @pytest.mark.parametrize("name", sorted(SECOND))
-def test_second_request_mid_copy_behaves_as_on_the_kernel(tmp_path, name, fmt):
+def test_second_request_mid_copy_behaves_as_on_the_kernel(make_stack, name, fmt):
     second = SECOND[name]
-    expected = run_on_kernel(tmp_path, second)
-    stack = Stack(tmp_path / "unionfs")
+    expected = run_on_kernel(make_stack(tag="kernel-"), second)
+    stack = make_stack(tag="unionfs-")
     make_layers(stack)
     env = {"UNIONFS_COPY_DELAY": str(DELAY)}
     with stack.unionfs(options=[f"whiteout={fmt}"], env=env):
@@ -128,8 +125,7 @@ def test_second_request_mid_copy_behaves_as_on_the_kernel(tmp_path, name, fmt):
         assert ".wh." + visible not in upper, f"a whiteout beside the visible {visible}"
 
 
-def test_requests_elsewhere_are_answered_during_a_copy(tmp_path):
-    stack = Stack(tmp_path)
+def test_requests_elsewhere_are_answered_during_a_copy(stack):
     make_layers(stack)
     with stack.unionfs(env={"UNIONFS_COPY_DELAY": str(DELAY)}):
         t = threading.Thread(target=write_open, args=(stack.mnt / "f", 0, b"A"))

@@ -149,7 +149,7 @@ def copy_data(src: int, dst: int, size: int, blocks: int | None = None,
             if reflinks is not None:
                 reflinks.learn(devs, False)
     if clone_only:
-        raise NotCloned()
+        raise NotCloned("the filesystem refused the clone")
     if blocks is not None and blocks * 512 >= size:
         _copy_range(src, dst, 0, size)
         return False
