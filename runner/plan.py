@@ -6,49 +6,20 @@ option never leaves a mount or a process behind.
 """
 import os
 
+from unionfs.sys.capabilities import is_privileged
+
+from .mounts import container_mounts
+from .records import Record
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NETWORK_MODES = ("none", "host")
-# Host device nodes bind-mounted into the container's fresh /dev. Binding (not
-# mknod) works the same with and without a user namespace.
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
 class PlanError(ValueError):
     """A bad option or argument (one line)."""
 
 
-class _Record:
-    """A plain value object (dataclasses would cost ~10 ms of start-up here)."""
-
-    __slots__ = ()
-    _defaults = {}
-
-    def __init__(self, **values):
-        unknown = set(values) - set(self.__slots__)
-        if unknown:
-            raise TypeError(f"unknown fields: {', '.join(sorted(unknown))}")
-        for name in self.__slots__:
-            object.__setattr__(self, name, values[name] if name in values
-                               else self._defaults[name])
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"{type(self).__name__} is read-only")
-
-    def _values(self):
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other._values() == self._values()
-
-    def __hash__(self):
-        return hash(self._values())
-
-    def __repr__(self):
-        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-
-class Volume(_Record):
+class Volume(Record):
     """A host path bind-mounted into the container."""
 
     __slots__ = ("source", "target", "read_only", "is_dir")
@@ -59,11 +30,11 @@ class Volume(_Record):
         super().__init__(source=source, target=target, read_only=read_only, is_dir=is_dir)
 
 
-class Plan(_Record):
+class Plan(Record):
     """Everything one run will do; built (and checked) by build_plan()."""
 
     __slots__ = ("argv", "lowers", "upper", "work", "rootfs", "hostname", "env", "cwd",
-                 "uid", "gid", "net", "volumes", "keep", "rootless")
+                 "uid", "gid", "net", "volumes", "keep", "rootless", "mounts")
     _defaults = {
         "lowers": (),        # top layer first
         "upper": None,       # None: a throwaway upper (and work) dir
@@ -77,13 +48,39 @@ class Plan(_Record):
         "net": "none",
         "volumes": (),
         "keep": False,
-        "rootless": None,    # None: decided by the caller's euid
+        "rootless": None,    # None: decided by the caller's capabilities
+        "mounts": None,      # the container's mounts (runner.mounts); None: from the above
     }
 
     def __init__(self, **values):
         super().__init__(**values)
         if self.rootless is None:
-            object.__setattr__(self, "rootless", os.geteuid() != 0)
+            # Not real root (CAP_SYS_ADMIN in the initial user namespace): the
+            # container gets a user namespace of its own.
+            object.__setattr__(self, "rootless", not is_privileged())
+        if self.mounts is None:
+            object.__setattr__(self, "mounts",
+                               container_mounts(self.rootless, self.net, self.volumes))
+
+    def describe(self):
+        """What the run will do, one line per step (`unionfs run --dry-run`)."""
+        import shlex
+        if self.rootfs is not None:
+            lines = [f"root: {self.rootfs}, as it is (no union)"]
+        else:
+            upper = (f"upper {self.upper}, work {self.work}" if self.upper
+                     else "a throwaway upper" + (", kept" if self.keep else ""))
+            lines = [f"root: a union of {', '.join(self.lowers)} (top first) with {upper}, "
+                     "served by a unionfs server process at $TMPDIR/unionfs-run-*/root"]
+        namespaces = "mount, pid, uts, ipc" + (", net" if self.net == "none" else "")
+        if self.rootless:
+            namespaces += f", user (the caller's uid is uid {self.uid} inside)"
+        lines.append(f"namespaces: {namespaces}")
+        lines += [op.describe() for op in self.mounts]
+        lines.append(f"hostname {self.hostname}; no_new_privs; the default capabilities; "
+                     f"uid {self.uid}, gid {self.gid}; cwd {self.cwd}")
+        lines.append(f"command: {shlex.join(self.argv)}")
+        return lines
 
     @property
     def environ(self):

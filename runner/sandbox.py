@@ -9,7 +9,8 @@ Process tree (no new interpreter anywhere: Python forks, then one posix_spawn):
   status. It exists because unshare(CLONE_NEWPID) only puts *children* in
   the new PID namespace, while the runner must stay in the host's mount
   namespace to unmount the union afterwards.
-- init: builds the root (see `setup_root`), then runs runner.init's PID 1 loop.
+- init: builds the root (the plan's mount operations, runner.mounts), then
+  runs runner.init's PID 1 loop.
 - command: started by init with posix_spawn after init dropped to the
   requested uid/gid and working dir; a failed exec becomes 127 (not found) or
   126 (not executable) with a one-line message.
@@ -26,7 +27,7 @@ import signal
 from unionfs.sys import libc
 
 from . import init as pid1
-from .plan import DEVICES
+from . import mounts
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Sent by the runner to the keeper: kill the container now (PID 1 with SIGKILL,
@@ -179,109 +180,10 @@ def _mkdirs(path, mode=0o755):
         pass
 
 
-def _touch(path):
-    if not os.path.exists(path):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-
-
-def _subdir(dir_fd, name):
-    """An O_PATH fd of dir_fd/name (created if missing); never a symlink."""
-    try:
-        os.mkdir(name, 0o755, dir_fd=dir_fd)
-    except FileExistsError:
-        pass
-    return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC,
-                   dir_fd=dir_fd)
-
-
 def setup_root(plan, root):
-    """Switch to `root` and mount /proc, /dev, /sys, /tmp and the volumes there.
-
-    Host sources (device nodes, volumes) are cloned as detached mounts
-    (open_tree) before the switch and attached (move_mount) afterwards, so
-    every target path is resolved inside the new root: a symlink in the image
-    cannot point a mount, a mkdir or a new file at a host path.
-    """
-    clone = libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC
-    host_trees = {}
-    for name in DEVICES:
-        host_trees[f"/dev/{name}"] = libc.open_tree(f"/dev/{name}", clone)
-    for volume in plan.volumes:
-        host_trees[volume] = libc.open_tree(volume.source, clone | libc.AT_RECURSIVE)
-    sysfs_fallback = plan.rootless and plan.net == "host"
-    if sysfs_fallback:
-        host_trees["/sys"] = libc.open_tree("/sys", clone | libc.AT_RECURSIVE)
-
-    # The root must be a mount point of its own for pivot_root.
-    libc.mount(root, root, None, libc.MS_BIND | libc.MS_REC)
-
-    # proc and sysfs are mounted before the switch: a user namespace may only
-    # mount them while the host's are visible in its mount namespace. Their
-    # targets are opened one component below the root, without following a
-    # symlink, and mounted through /proc/self/fd.
-    nosuid_nodev_noexec = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    proc_fd, sys_fd = _subdir(root_fd, "proc"), _subdir(root_fd, "sys")
-    libc.mount("proc", f"/proc/self/fd/{proc_fd}", "proc", nosuid_nodev_noexec)
-    if sysfs_fallback:
-        # Without its own network namespace a user namespace may not mount sysfs.
-        sys_tree = host_trees.pop("/sys")
-        libc.set_mount_attributes(sys_tree, libc.MOUNT_ATTR_RDONLY | libc.MOUNT_ATTR_NOSUID
-                                  | libc.MOUNT_ATTR_NODEV | libc.MOUNT_ATTR_NOEXEC)
-        libc.move_mount(sys_tree, "", target_fd=sys_fd)
-        os.close(sys_tree)
-    else:
-        libc.mount("sysfs", f"/proc/self/fd/{sys_fd}", "sysfs",
-                   libc.MS_RDONLY | nosuid_nodev_noexec)
-    for fd in (proc_fd, sys_fd):
-        os.close(fd)
-
-    os.fchdir(root_fd)
-    os.close(root_fd)
-    try:
-        libc.pivot_root(".", ".")
-    except OSError as e:
-        say(f"pivot_root impossible ({e.strerror}); using chroot, which is weaker "
-            "isolation (the host's mounts stay reachable from inside)")
-        os.chroot(".")
-    else:
-        libc.umount2(".", libc.MNT_DETACH)  # the old root, stacked on top of the new
-    os.chdir("/")
-
-    _mkdirs("/dev")
-    libc.mount("tmpfs", "/dev", "tmpfs", libc.MS_NOSUID | libc.MS_STRICTATIME,
-               "mode=755,size=65536k")
-    for name in DEVICES:
-        target = f"/dev/{name}"
-        _touch(target)
-        libc.move_mount(host_trees[target], target)
-    os.mkdir("/dev/pts", 0o755)
-    devpts_options = "newinstance,ptmxmode=0666,mode=0620"
-    if not plan.rootless:
-        devpts_options += ",gid=5"
-    libc.mount("devpts", "/dev/pts", "devpts", libc.MS_NOSUID | libc.MS_NOEXEC, devpts_options)
-    os.symlink("pts/ptmx", "/dev/ptmx")
-    os.mkdir("/dev/shm", 0o1777)
-    libc.mount("tmpfs", "/dev/shm", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=1777")
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, f"/dev/{name}")
-
-    _mkdirs("/tmp")
-    libc.mount("tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=1777")
-
-    for volume in plan.volumes:
-        if volume.is_dir:
-            _mkdirs(volume.target)
-        else:
-            _mkdirs(os.path.dirname(volume.target))
-            _touch(volume.target)
-        if volume.read_only:
-            libc.set_mount_attributes(host_trees[volume], libc.MOUNT_ATTR_RDONLY)
-        libc.move_mount(host_trees[volume], volume.target)
-
-    for fd in host_trees.values():
-        os.close(fd)
+    """Switch to `root` with the container's mounts: the plan's operations
+    (runner.mounts: /proc, /sys, /dev, /tmp, the volumes, the switch itself)."""
+    mounts.carry_out(plan.mounts, root, say)
 
 
 # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec; the

@@ -5,12 +5,14 @@
 `data/` tree the tests delete and overwrite. Nothing here mocks anything.
 """
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from runner.startup_bench import BUSYBOX, build_busybox_rootfs
+from bench.startup import BUSYBOX, build_busybox_rootfs
 
 UNIONFS = os.path.join(os.path.dirname(sys.executable), "unionfs")
 
@@ -54,6 +56,12 @@ def run_unionfs(args, **kwargs):
     return subprocess.run([UNIONFS, "run", *args], **kwargs)
 
 
+def run_on(lower, state_base, *args, **kwargs):
+    """`unionfs run --lower LOWER ARGS` with TMPDIR=state_base."""
+    kwargs.setdefault("env", dict(os.environ, TMPDIR=state_base))
+    return run_unionfs(["--lower", lower, *args], **kwargs)
+
+
 def mounts_matching(*needles):
     """Host mount table lines that mention one of `needles`."""
     with open("/proc/self/mountinfo") as f:
@@ -75,3 +83,24 @@ def processes_mentioning(needle):
         if needle in cmdline:
             found.append((int(entry), cmdline))
     return found
+
+
+def wait_or_kill(pid, limit=30.0):
+    """The wait status of child `pid`, killing it if it is still there after `limit` s."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
+def wait_for_path(path, process, limit=30.0):
+    """Wait until `path` exists, while `process` (a Popen) keeps running."""
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        assert process.poll() is None, "the runner exited early"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)

@@ -34,8 +34,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(host: str, path: str, headers=None):
-    conn = http.client.HTTPConnection(host, timeout=5)
+def _get(host: str, path: str, headers=None, tls=False):
+    if tls:
+        import ssl
+        conn = http.client.HTTPSConnection(host, timeout=5,
+                                           context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection(host, timeout=5)
     try:
         conn.request("GET", path, headers=headers or {})
         resp = conn.getresponse()
@@ -47,10 +52,13 @@ def _get(host: str, path: str, headers=None):
 class Registry:
     """docker-registry serving root/data on 127.0.0.1:PORT.
 
-    auth: None, ("basic", {user: password}) or ("token", TokenServer)."""
+    auth: None, ("basic", {user: password}) or ("token", TokenServer);
+    tls: serve HTTPS with a self-signed certificate for 127.0.0.1 (cert_path)."""
 
-    def __init__(self, root, auth=None):
+    def __init__(self, root, auth=None, tls=False):
         self.root = str(root)
+        self.tls = tls
+        self.cert_path = os.path.join(self.root, "registry-cert.pem")
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.data = os.path.join(self.root, "data")
@@ -75,10 +83,41 @@ class Registry:
             ts = self.auth[1]
             lines.append(f"auth: {{token: {{realm: '{ts.realm}', service: {ts.service}, "
                          f"issuer: {ts.issuer}, rootcertbundle: {ts.cert_path}}}}}")
+        if self.tls:
+            key_path = self._self_signed()
+            lines[3] = lines[3][:-1] + (f", tls: {{certificate: {self.cert_path}, "
+                                        f"key: {key_path}}}}}")
         path = os.path.join(self.root, "config.yml")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
         return path
+
+    def _self_signed(self) -> str:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                .sign(key, hashes.SHA256()))
+        with open(self.cert_path, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        key_path = os.path.join(self.root, "registry-key.pem")
+        with open(key_path, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        return key_path
 
     def start(self) -> "Registry":
         os.makedirs(self.data, exist_ok=True)
@@ -91,7 +130,7 @@ class Registry:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {self.log_text()}")
             try:
-                status, _, _ = _get(self.host, "/v2/")
+                status, _, _ = _get(self.host, "/v2/", tls=self.tls)
                 if status in (200, 401):
                     return self
             except OSError:
@@ -148,9 +187,11 @@ class TokenServer:
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
 
+        os.makedirs(str(root), exist_ok=True)
         self.users, self.grants = users, grants
         self.service, self.issuer = service, issuer
         self.requests = []          # (user or None, [scopes]) per token request
+        self.broken = False         # answer 200 with something that is not a token
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unionfs test token signer")])
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -190,6 +231,12 @@ class TokenServer:
         user, ok = self._user(handler)
         scopes = query.get("scope", [])
         self.requests.append((user, scopes))
+        if self.broken:
+            handler.send_response(200)
+            handler.send_header("Content-Length", "9")
+            handler.end_headers()
+            handler.wfile.write(b"<html>hi!")
+            return
         if not ok:
             body = b'{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}'
             handler.send_response(401)
@@ -233,8 +280,8 @@ class Proxy:
 
     rewrite(method, path, headers) may return None (forward as is) or a
     tuple (status, headers, body bytes); `throttle` (bytes per second)
-    slows down blob bodies; `log` holds (method, path, Range header, bytes
-    sent) per request."""
+    slows down blob bodies; `log` holds [method, path, Range header, bytes
+    sent, start time, end time] per request."""
 
     def __init__(self, upstream: str):
         self.upstream = upstream
@@ -261,8 +308,14 @@ class Proxy:
     def _handle(self, h):
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
-        entry = [h.command, h.path, h.headers.get("Range"), 0]
+        entry = [h.command, h.path, h.headers.get("Range"), 0, time.monotonic(), None]
         self.log.append(entry)
+        try:
+            self._answer(h, body, entry)
+        finally:
+            entry[5] = time.monotonic()
+
+    def _answer(self, h, body, entry):
         answer = self.rewrite(h.command, h.path, h.headers) if self.rewrite else None
         if answer is not None:
             status, headers, data = answer
@@ -281,9 +334,15 @@ class Proxy:
             return
         conn = http.client.HTTPConnection(self.upstream, timeout=30)
         try:
-            headers = {k: v for k, v in h.headers.items() if k.lower() != "host"}
-            headers["Host"] = self.upstream
-            conn.request(h.command, h.path, body=body, headers=headers)
+            # header by header: clients send Accept several times, and each counts
+            conn.putrequest(h.command, h.path, skip_host=True, skip_accept_encoding=True)
+            conn.putheader("Host", self.upstream)
+            for k, v in h.headers.items():
+                if k.lower() not in ("host", "content-length"):
+                    conn.putheader(k, v)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
             resp = conn.getresponse()
             h.send_response(resp.status)
             for k, v in resp.getheaders():
@@ -323,3 +382,208 @@ def token_registry(root, users, grants):
     with TokenServer(root, users, grants) as tokens, \
             Registry(root, auth=("token", tokens)) as reg:
         yield reg, tokens
+
+
+# -- images: layers made with tarfile (a writer here), OCI layouts, real tools --
+
+def tar_entries(entries) -> bytes:
+    """A layer tar from (kind, name, props) tuples: kind is file, dir, symlink,
+    hardlink, fifo, chardev; props: data, mode, uid, gid, target, xattrs,
+    major, minor."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    kinds = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+             "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE, "chardev": tarfile.CHRTYPE}
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for kind, name, props in entries:
+            ti = tarfile.TarInfo(name)
+            ti.type = kinds[kind]
+            ti.mode = props.get("mode", 0o755 if kind == "dir" else 0o644)
+            ti.uid, ti.gid = props.get("uid", 0), props.get("gid", 0)
+            ti.uname = ti.gname = ""
+            ti.mtime = props.get("mtime", 1_000_000_000)
+            ti.linkname = props.get("target", "")
+            ti.devmajor, ti.devminor = props.get("major", 0), props.get("minor", 0)
+            ti.pax_headers = {f"SCHILY.xattr.{k}": v
+                              for k, v in props.get("xattrs", {}).items()}
+            data = props.get("data", b"")
+            ti.size = len(data) if kind == "file" else 0
+            tf.addfile(ti, io.BytesIO(data) if kind == "file" else None)
+    return buf.getvalue()
+
+
+def compress(data: bytes, compression: str) -> bytes:
+    if compression == "gzip":
+        import gzip
+        return gzip.compress(data, compresslevel=6, mtime=0)
+    if compression == "zstd":
+        import zstandard
+        return zstandard.ZstdCompressor(level=3).compress(data)
+    return data
+
+
+LAYER_TYPES = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+               "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+               "none": "application/vnd.oci.image.layer.v1.tar"}
+
+
+def _put_blob(layout: str, data: bytes) -> dict:
+    import hashlib
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = os.path.join(layout, "blobs", "sha256", digest[7:])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return {"digest": digest, "size": len(data)}
+
+
+def oci_image(layout: str, layers, arch: str = "amd64") -> dict:
+    """Write an image (layers: [(tar bytes, compression)]) into an OCI layout;
+    returns its manifest descriptor (not yet named in index.json)."""
+    import hashlib
+    os.makedirs(os.path.join(layout, "blobs", "sha256"), exist_ok=True)
+    with open(os.path.join(layout, "oci-layout"), "w") as f:
+        f.write('{"imageLayoutVersion":"1.0.0"}')
+    descs, diff_ids = [], []
+    for tar, compression in layers:
+        diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
+        descs.append({"mediaType": LAYER_TYPES[compression],
+                      **_put_blob(layout, compress(tar, compression))})
+    config = {"architecture": arch, "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+              "rootfs": {"type": "layers", "diff_ids": diff_ids},
+              "history": [{"created_by": f"layer {i}"} for i in range(len(layers))]}
+    cfg = _put_blob(layout, json.dumps(config).encode())
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **cfg},
+                "layers": descs}
+    return {"mediaType": manifest["mediaType"],
+            **_put_blob(layout, json.dumps(manifest).encode()),
+            "platform": {"architecture": arch, "os": "linux"}}
+
+
+def name_in_layout(layout: str, tag: str, desc: dict) -> None:
+    """Point tag at desc in the layout's index.json (replacing an older one)."""
+    path = os.path.join(layout, "index.json")
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        index = {"schemaVersion": 2, "manifests": []}
+    key = "org.opencontainers.image.ref.name"
+    index["manifests"] = [m for m in index["manifests"]
+                          if m.get("annotations", {}).get(key) != tag]
+    index["manifests"].append({**desc, "annotations": {key: tag}})
+    with open(path, "w") as f:
+        json.dump(index, f)
+
+
+def oci_index(layout: str, manifests) -> dict:
+    """A multi-platform image index blob over manifest descriptors."""
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": manifests}
+    return {"mediaType": index["mediaType"], **_put_blob(layout, json.dumps(index).encode())}
+
+
+def skopeo(*args, check=True):
+    """Run skopeo (insecure loopback registries); returns the CompletedProcess."""
+    proc = subprocess.run(["skopeo", "--insecure-policy", *args], capture_output=True,
+                          text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"skopeo {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+def skopeo_push(layout: str, tag: str, dest: str, *extra):
+    """oci:layout:tag -> docker://dest over plain HTTP."""
+    return skopeo("copy", "-q", "--dest-tls-verify=false", *extra, f"oci:{layout}:{tag}",
+                  f"docker://{dest}")
+
+
+def umoci_unpack(layout: str, tag: str, dest: str) -> str:
+    """umoci's own flattening of an image: the oracle for what a pull unpacks."""
+    proc = subprocess.run(["umoci", "unpack", "--image", f"{layout}:{tag}", dest],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"umoci unpack: {proc.stderr.strip()}")
+    return os.path.join(dest, "rootfs")
+
+
+def tree(root: str, skip=()) -> dict:
+    """Everything a rootfs comparison looks at, by relative path: type, mode,
+    owner, size, content hash, xattrs, link target, device numbers; plus
+    "hardlinks": the sets of paths that share an inode."""
+    import hashlib
+    import stat as st
+    out, inodes = {}, {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if rel in skip or rel.split("/")[0] in skip:
+                continue
+            s = os.lstat(path)
+            entry = {"mode": oct(s.st_mode), "uid": s.st_uid, "gid": s.st_gid}
+            if st.S_ISREG(s.st_mode):
+                with open(path, "rb") as f:
+                    entry["sha256"] = hashlib.sha256(f.read()).hexdigest()
+                entry["size"] = s.st_size
+                if s.st_nlink > 1:
+                    inodes.setdefault((s.st_dev, s.st_ino), []).append(rel)
+            elif st.S_ISLNK(s.st_mode):
+                entry["target"] = os.readlink(path)
+            elif st.S_ISCHR(s.st_mode) or st.S_ISBLK(s.st_mode):
+                entry["rdev"] = (os.major(s.st_rdev), os.minor(s.st_rdev))
+            entry["xattrs"] = {k: os.getxattr(path, k, follow_symlinks=False)
+                               for k in sorted(os.listxattr(path, follow_symlinks=False))
+                               if k.startswith("user.")}
+            out[rel] = entry
+    out["hardlinks"] = sorted(sorted(v) for v in inodes.values() if len(v) > 1)
+    return out
+
+
+def sample_layers(seed: int = 0):
+    """The interop image: a base layer with every entry kind, owners, modes
+    with setuid/setgid/sticky, xattrs, absolute and relative symlinks, a
+    hard-link set, a device and a FIFO; then a layer with whiteouts (a file,
+    a directory) and an opaque directory; then a small top layer."""
+    import random
+    rnd = random.Random(seed)
+    with open("/bin/busybox", "rb") as f:
+        busybox = f.read()
+    big = rnd.randbytes(3 << 20)        # incompressible: a pull worth interrupting
+    base = [
+        ("dir", "bin", {}), ("file", "bin/busybox", {"data": busybox, "mode": 0o755}),
+        ("symlink", "bin/sh", {"target": "busybox"}),
+        ("dir", "etc", {}), ("file", "etc/passwd", {"data": b"root:x:0:0::/root:/bin/sh\n"}),
+        ("symlink", "etc/localtime", {"target": "/usr/share/zoneinfo/UTC"}),
+        ("dir", "tmp", {"mode": 0o1777}), ("fifo", "tmp/fifo", {"mode": 0o600}),
+        ("dir", "dev", {}), ("chardev", "dev/null", {"mode": 0o666, "major": 1, "minor": 3}),
+        ("dir", "data", {"mode": 0o750, "uid": 1000, "gid": 1000}),
+        ("file", "data/file", {"data": b"owned\n", "mode": 0o640, "uid": 1000, "gid": 1000,
+                               "xattrs": {"user.comment": "hello"}}),
+        ("file", "data/setuid", {"data": b"#!/bin/sh\n", "mode": 0o4755}),
+        ("file", "data/setgid", {"data": b"#!/bin/sh\n", "mode": 0o2755, "gid": 50}),
+        ("file", "data/empty", {}),
+        ("file", "data/big", {"data": big}),
+        ("file", "data/h1", {"data": b"linked\n", "uid": 1001}),
+        ("hardlink", "data/h2", {"target": "data/h1"}),
+        ("hardlink", "data/h3", {"target": "data/h1"}),
+        ("file", "data/gone", {"data": b"deleted above\n"}),
+        ("dir", "data/gonedir", {}), ("file", "data/gonedir/x", {"data": b"x"}),
+        ("dir", "opaque", {}), ("file", "opaque/a", {"data": b"a"}),
+        ("dir", "opaque/sub", {}), ("file", "opaque/sub/c", {"data": b"c"}),
+    ]
+    upper = [
+        ("dir", "data", {"mode": 0o750, "uid": 1000, "gid": 1000}),
+        ("file", "data/.wh.gone", {}), ("file", "data/.wh.gonedir", {}),
+        ("file", "data/file", {"data": b"changed\n", "mode": 0o600, "uid": 1000,
+                               "gid": 1000, "xattrs": {"user.comment": "again"}}),
+        ("dir", "opaque", {"mode": 0o700}), ("file", "opaque/.wh..wh..opq", {}),
+        ("file", "opaque/new", {"data": b"new"}),
+        ("file", "etc/passwd", {"data": b"root:x:0:0::/root:/bin/sh\nu:x:1000:1000::/:/\n"}),
+    ]
+    top = [("file", "top.txt", {"data": b"top %d\n" % seed, "xattrs": {"user.k": "v"}}),
+           ("symlink", "dangling", {"target": "../nowhere"})]
+    return [tar_entries(base), tar_entries(upper), tar_entries(top)]

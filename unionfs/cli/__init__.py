@@ -1,153 +1,104 @@
-"""Command line: `unionfs mount|umount|run|bench` and the `fuse-unionfs` drop-in.
+"""The command line: the `unionfs` group, its table of subcommands, and `fuse-unionfs`.
 
-Subcommands that pull in heavy modules (the runner, the benchmark suite) are
-loaded lazily, so that `fuse-unionfs` and `unionfs mount` start fast. User
-errors print one line and exit 2 (usage) or 1 (everything else).
+Every subcommand lives in a module of its own, imported only when it is the
+one asked for, so that a command loads nothing it does not need (click
+itself is not imported by `fuse-unionfs`). An entry whose module (or
+attribute) is missing is simply absent: `unionfs --help` does not list it and
+`unionfs NAME` says there is no such command. User errors print one line
+and exit 2 (usage) or 1 (everything else).
+
+`unionfs run --lower ...` forks its union server's process first thing,
+before click is imported, so that the server's ~100 ms of imports overlap the
+runner's start-up (runner.prestart).
 """
-import importlib
 import sys
 
-try:
-    from runner import prestart
-except ImportError:  # the runner is not installed
-    pass
-else:
-    # `unionfs run` on layers: start the union server's process now, so that
-    # its imports overlap ours (runner/prestart.py). Does nothing otherwise.
-    prestart.maybe_start()
-
-import click  # noqa: E402 - after the server's process is started
-
-# unionfs.options (with dataclasses) is imported where it is used: `unionfs run`
-# does not need it.
-
-LAZY_COMMANDS = {
-    "run": "runner.cli:run",
+IMAGE_COMMANDS = ("pull", "push", "load", "save", "commit", "images", "image", "ps", "rm")
+DAEMON_COMMANDS = ("daemon", "stats", "which", "events")
+COMMANDS = {
+    "mount": "unionfs.cli.mount:mount",
+    "umount": "unionfs.cli.mount:umount",
+    "run": "unionfs.cli.run:run",
     "bench": "bench.cli:bench",
+    **{name: f"unionfs.cli.image:{name}" for name in IMAGE_COMMANDS},
+    **{name: f"unionfs.cli.daemon:{name}" for name in DAEMON_COMMANDS},
 }
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx):
-        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
-
-    def get_command(self, ctx, name):
-        if name in LAZY_COMMANDS:
-            module, attr = LAZY_COMMANDS[name].split(":")
-            try:
-                return getattr(importlib.import_module(module), attr)
-            except ModuleNotFoundError as e:
-                if e.name != module:
-                    raise
-                return None     # that part is not installed
-        return super().get_command(ctx, name)
-
-
-def _version() -> str:
-    from importlib.metadata import version
-    return version("unionfs")
+def load_command(name):
+    """The click command for `name`, or None if it is not installed."""
+    import importlib
+    module_name, _, attr = COMMANDS[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        # Absent only if the missing module is the command's own (or its
+        # package): a module it imports that is missing is a real error.
+        if e.name is None or not (module_name == e.name
+                                  or module_name.startswith(e.name + ".")):
+            raise
+        return None
+    return getattr(module, attr, None)
 
 
-@click.group(cls=LazyGroup)
-@click.version_option(package_name="unionfs")
-def main():
-    """unionfs: a layered (union) filesystem in userspace."""
+def is_installed(name):
+    """Does the command's module exist? (Found without importing it.)"""
+    import importlib.util
+    module_name = COMMANDS[name].partition(":")[0]
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except ModuleNotFoundError:  # its package is missing
+        return False
 
 
-def _start(cfg) -> None:
-    from ..serve.mount import MountError, start
+def command_group():
+    """The `unionfs` click group (click is imported here, not at load)."""
+    import click
+
+    class LazyGroup(click.Group):
+        def list_commands(self, ctx):
+            return sorted(name for name in COMMANDS if is_installed(name))
+
+        def get_command(self, ctx, name):
+            return load_command(name) if name in COMMANDS else None
+
+    @click.group(cls=LazyGroup)
+    @click.version_option(package_name="unionfs")
+    def unionfs():
+        """unionfs: a layered (union) filesystem in userspace."""
+    return unionfs
+
+
+def main(args=None):
+    """The `unionfs` console script."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["run"]:
+        try:
+            from runner import prestart
+        except ModuleNotFoundError:  # the runner is not installed
+            pass
+        else:
+            prestart.maybe_start()
+    command_group().main(args=argv, prog_name="unionfs")
+
+
+def mount_and_exit(cfg):
+    """`unionfs mount` and `fuse-unionfs`: mount `cfg` (unionfs.serve.process.start)
+    and exit with its status; a problem is one line on stderr and status 1."""
+    from ..serve.process import ServerError, start
+    from ..serve.validate import MountError
     try:
         status = start(cfg)
     except MountError as e:
-        click.echo(f"unionfs: {e}", err=True)
+        print(f"unionfs: {e}", file=sys.stderr)
+        sys.exit(1)
+    except ServerError as e:
+        print(e, file=sys.stderr)
         sys.exit(1)
     sys.exit(status)
 
 
-@main.command("mount")
-@click.option("--lower", "lowers", multiple=True, metavar="DIR",
-              help="A read-only layer; repeat, top layer first.")
-@click.option("--upper", metavar="DIR", help="The writable layer.")
-@click.option("--work", metavar="DIR", help="Scratch dir on the upper's filesystem.")
-@click.option("-o", "options", multiple=True, metavar="OPTS",
-              help="Comma-separated options, fuse-overlayfs style "
-                   "(lowerdir=A:B,upperdir=U,workdir=W,volatile,whiteout=oci,ro,...).")
-@click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground.")
-@click.option("--debug", is_flag=True, help="Log every request (implies nothing else).")
-@click.argument("mountpoint", type=click.Path())
-def mount_cmd(lowers, upper, work, options, foreground, debug, mountpoint):
-    """Mount a layer stack at MOUNTPOINT; returns once the mount is live."""
-    from ..serve.options import MountConfig, OptionError, apply_options
-    cfg = MountConfig(lowers=list(lowers), upper=upper, work=work, mountpoint=mountpoint,
-                      foreground=foreground, debug=debug)
-    try:
-        for text in options:
-            apply_options(cfg, text)
-    except OptionError as e:
-        raise click.UsageError(str(e)) from None
-    _start(cfg)
-
-
-@main.command("umount")
-@click.argument("mountpoint", type=click.Path())
-def umount_cmd(mountpoint):
-    """Unmount a unionfs mount (the server then exits)."""
-    from ..serve.mount import MountError, unmount
-    try:
-        unmount(mountpoint)
-    except MountError as e:
-        click.echo(f"unionfs: {e}", err=True)
-        sys.exit(1)
-
-
-FUSE_USAGE = """\
-usage: fuse-unionfs [SOURCE] MOUNTPOINT -o lowerdir=A:B[,upperdir=U,workdir=W][,OPTS] [-f] [-d]
-
-A drop-in for fuse-overlayfs's command line (mount -t fuse.fuse-unionfs, /etc/fstab,
-podman's mount_program).
-"""
-
-
-def fuse_main(argv=None) -> None:
-    """`fuse-unionfs`: fuse-overlayfs's argument conventions, parsed by hand
-    because `-o` may come before or after the positional arguments."""
-    from ..serve.options import MountConfig, OptionError, apply_options
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = MountConfig()
-    positional = []
-    try:
-        it = iter(argv)
-        for arg in it:
-            if arg in ("-h", "--help"):
-                print(FUSE_USAGE, end="")
-                sys.exit(0)
-            elif arg in ("-V", "--version"):
-                print(f"fuse-unionfs: version {_version()}")
-                print("unionfs: a fuse-overlayfs-compatible union filesystem")
-                sys.exit(0)
-            elif arg == "-f":
-                cfg.foreground = True
-            elif arg == "-d":
-                cfg.debug = cfg.foreground = True
-            elif arg == "-o":
-                value = next(it, None)
-                if value is None:
-                    raise OptionError("-o needs an argument")
-                apply_options(cfg, value)
-            elif arg.startswith("-o"):
-                apply_options(cfg, arg[2:])
-            elif arg.startswith("-") and arg != "-":
-                raise OptionError(f"unknown argument {arg!r}")
-            else:
-                positional.append(arg)
-        if len(positional) == 2:
-            cfg.source, cfg.mountpoint = positional
-        elif len(positional) == 1:
-            cfg.mountpoint = positional[0]
-        else:
-            raise OptionError("expected [SOURCE] MOUNTPOINT")
-    except OptionError as e:
-        print(f"fuse-unionfs: {e}", file=sys.stderr)
-        print(FUSE_USAGE.splitlines()[0], file=sys.stderr)
-        sys.exit(2)
-    _start(cfg)
+def fuse_main(argv=None):
+    """The `fuse-unionfs` console script (fuse-overlayfs's command line)."""
+    from .fuse import fuse_main
+    fuse_main(argv)

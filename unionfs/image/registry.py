@@ -22,12 +22,8 @@ import re
 import time
 from dataclasses import dataclass
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+from .formats import INDEX_TYPES, MANIFEST_TYPES
+
 MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
 
 MAX_MANIFEST = 4 << 20      # the OCI spec lets registries refuse bigger ones
@@ -41,7 +37,11 @@ DIGEST_RE = re.compile(r"(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})\Z")
 
 
 class RegistryError(Exception):
-    """A registry or reference problem, as one line for the user."""
+    """A registry problem, as one line for the user; status: the HTTP status if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def printable(text: object, limit: int = 200) -> str:
@@ -99,6 +99,18 @@ class FetchedManifest:
     media_type: str         # the Content-Type the registry answered
     data: bytes
     digest: str
+
+
+def _reason(e: BaseException | None) -> str:
+    """The first non-empty message along an exception's causes (httpx wraps
+    ssl's and the socket's errors, sometimes with an empty message)."""
+    seen = 0
+    while e is not None and seen < 5:
+        text = str(e)
+        if text:
+            return printable(text)
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return "connection failed"
 
 
 def _tune_httpcore() -> None:
@@ -160,7 +172,7 @@ class Client:
         except httpx.TimeoutException:
             raise RegistryError(f"{what}: the registry timed out") from None
         except httpx.HTTPError as e:
-            raise RegistryError(f"{what}: {printable(e) or type(e).__name__}") from None
+            raise RegistryError(f"{what}: {_reason(e)}") from None
 
     async def ping(self) -> None:
         """GET /v2/: finds the scheme (https, or http when TLS is not verified) and the
@@ -170,8 +182,9 @@ class Client:
         last = None
         for scheme in schemes:
             try:
-                resp = await self._http.get(f"{scheme}://{self.host}/v2/",
-                                            follow_redirects=False)
+                async with self._http.stream("GET", f"{scheme}://{self.host}/v2/",
+                                             follow_redirects=False) as resp:
+                    body = await self._read_capped(resp, 1 << 16, "/v2/ answer")
             except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError) as e:
                 last = e
                 continue
@@ -180,12 +193,15 @@ class Client:
             self.base = f"{scheme}://{self.host}"
             if resp.status_code == 401:
                 self._learn(resp.headers.get("www-authenticate", ""))
-            elif resp.status_code not in (200, 404) and resp.status_code >= 400:
+            elif resp.status_code >= 400:
                 raise RegistryError(f"{self.registry}: /v2/ answered "
-                                    f"{error_line(resp.status_code, resp.content[:4096])}")
+                                    f"{error_line(resp.status_code, body)} (not a registry?)",
+                                    resp.status_code)
             return
-        hint = "" if not self.tls_verify else " (plain HTTP needs --tls-verify=false)"
-        raise RegistryError(f"{self.registry}: cannot connect: {printable(last)}{hint}")
+        reason = _reason(last)
+        hint = "" if not self.tls_verify or "CERTIFICATE" in reason else \
+            " (plain HTTP needs --tls-verify=false)"
+        raise RegistryError(f"{self.registry}: cannot connect: {reason}{hint}")
 
     def _learn(self, header: str) -> None:
         scheme, params = parse_challenge(header)
@@ -307,7 +323,8 @@ class Client:
             finally:
                 await resp.aclose()
         if resp.status_code not in ok:
-            raise RegistryError(f"{what}: {error_line(resp.status_code, body)}")
+            raise RegistryError(f"{what}: {error_line(resp.status_code, body)}",
+                                resp.status_code)
         return resp, body
 
     # -- manifests -----------------------------------------------------------

@@ -1,8 +1,12 @@
-"""Mount options: parsing `-o` strings (fuse-overlayfs-compatible) into a config.
+"""A mount's configuration: the MountConfig record, `-o` strings
+(fuse-overlayfs-compatible) parsed into it, and its one serialized form.
 
-Pure data, no side effects: validate.py checks the config against the disk.
+Pure data, no side effects: validate.py checks a config against the disk.
+A config travels to a server process as JSON (`to_json`/`from_json`); paths
+that are not valid UTF-8 survive the trip (surrogateescape, as os gives them).
 """
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 
 # Generic mount(8) flags: accepted, and passed to the kernel where they mean something.
 GENERIC_FLAGS = {
@@ -47,6 +51,33 @@ class MountConfig:
     metacopy: bool = False
     whiteout_format: str | None = None      # None: kernel form as root, OCI otherwise
     flags: list = field(default_factory=list)   # kernel mount flags to pass on
+
+    def to_json(self) -> str:
+        """The config as one line of JSON (never a raw newline: it frames messages)."""
+        return json.dumps(asdict(self), ensure_ascii=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "MountConfig":
+        """The inverse of to_json; unknown or missing fields are a ValueError."""
+        data = json.loads(text)
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) != names:
+            raise ValueError(f"not a mount configuration: {text[:200]!r}")
+        for name, value in data.items():
+            kind = _FIELD_TYPES[name]
+            if kind is list:
+                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            else:
+                ok = isinstance(value, kind) or (value is None and name in _OPTIONAL)
+            if not ok:
+                raise ValueError(f"mount configuration field {name!r}: {value!r}")
+        return cls(**data)
+
+
+_FIELD_TYPES = {"lowers": list, "upper": str, "work": str, "mountpoint": str, "source": str,
+                "foreground": bool, "debug": bool, "volatile": bool, "metacopy": bool,
+                "whiteout_format": str, "flags": list}
+_OPTIONAL = {"upper", "work", "mountpoint", "whiteout_format"}
 
 
 def split_options(text: str) -> list:

@@ -1,4 +1,4 @@
-"""`unionfs run`: the command line of the runner (loaded lazily by unionfs.cli).
+"""`unionfs run`: the runner's command line (runner/ is the runner itself).
 
 Every option error is one line on stderr and exit status 2; a run that cannot
 be carried out is one line and status 1; otherwise the status is the
@@ -9,8 +9,10 @@ import sys
 
 import click
 
-from . import prestart
-from .plan import PlanError, build_plan
+from runner import prestart
+from runner.plan import PlanError, build_plan
+
+from ..serve import process
 
 RUN_USAGE = ("unionfs run --lower DIR [--lower DIR ...] [--upper DIR --work DIR] [OPTIONS] "
              "-- CMD [ARG ...]")
@@ -59,8 +61,11 @@ class RunCommand(click.Command):
 @click.option("-v", "--volume", "volumes", multiple=True, metavar="SRC:DST[:ro]",
               help="Bind-mount a host path into the container.")
 @click.option("--keep", is_flag=True, help="Keep the throwaway upper layer and print where.")
+@click.option("--dry-run", is_flag=True,
+              help="Print what the run would do, one line a step, and exit.")
 @click.argument("command", nargs=-1, metavar="-- CMD [ARG ...]")
-def run(lowers, upper, work, rootfs, hostname, env, workdir, user, net, volumes, keep, command):
+def run(lowers, upper, work, rootfs, hostname, env, workdir, user, net, volumes, keep, dry_run,
+        command):
     """Run a command in its own namespaces on a rootfs built from layers.
 
     The first --lower is the top layer. Without --upper a throwaway upper is
@@ -71,10 +76,16 @@ def run(lowers, upper, work, rootfs, hostname, env, workdir, user, net, volumes,
         plan = build_plan(command, lowers=lowers, upper=upper, work=work, rootfs=rootfs,
                           hostname=hostname, env=env, workdir=workdir, user=user, net=net,
                           volumes=volumes, keep=keep)
-        from .run import RunError, execute
+        if dry_run:
+            process.discard_spare()
+            click.echo("\n".join(plan.describe()))
+            return
+        from runner.run import RunError, execute
     except PlanError as e:
+        process.discard_spare()
         raise RunUsageError(str(e)) from None
     except KeyboardInterrupt:
+        process.discard_spare()
         raise SystemExit(130) from None  # nothing exists yet: just stop, as a shell would
     try:
         status = execute(plan, announce=lambda message: click.echo(
@@ -82,7 +93,7 @@ def run(lowers, upper, work, rootfs, hostname, env, workdir, user, net, volumes,
     except RunError as e:
         raise RunFailure(str(e)) from None
     finally:
-        prestart.discard()  # a server process started early but not used
+        process.discard_spare()  # a server process started early but not used
     if prestart.is_console_run():
         exit_now(status)
     raise SystemExit(status)

@@ -16,7 +16,9 @@ once, in turn), median of N rounds:
 `measure_startup()` returns one record per timed run:
 {impl, workload: "startup", metric, value, unit: "ms", rep}. A contender whose
 tool is missing is left out, one that fails stops being timed; both are named
-in the optional `notes` dict. `python -m runner.startup_bench` prints a table.
+in the optional `notes` dict. `python -m bench.startup` prints a table.
+
+`build_busybox_rootfs(dir)` is also the tests' rootfs builder (tests/runner_rootfs.py).
 """
 import json
 import os
@@ -30,7 +32,7 @@ import time
 
 import click
 
-from .union import MOUNT_PROGRAM_ENV
+from runner.union import MOUNT_PROGRAM_ENV
 
 UNIONFS = os.path.join(os.path.dirname(sys.executable), "unionfs")
 BUSYBOX = "/bin/busybox"
@@ -182,8 +184,8 @@ def contenders(setup):
     found.append(Contender("unionfs-run(python -S)", PREMOUNTED, lambda rep: [
         sys.executable, "-S", "-c", NO_SITE_MAIN, "run", "--rootfs", mnt, "--", "/bin/true"]))
 
-    from .plan import build_plan
-    from .run import execute
+    from runner.plan import build_plan
+    from runner.run import execute
     plan = build_plan(["/bin/true"], rootfs=mnt)
     found.append(Contender("unionfs-run(in-process)", PREMOUNTED, call=lambda: execute(plan)))
 
@@ -272,22 +274,27 @@ def stale_bytecode(packages=("unionfs", "runner")):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     stale = []
     for package in packages:
-        for name in sorted(os.listdir(os.path.join(root, package))):
-            if not name.endswith(".py"):
-                continue
-            source = os.path.join(root, package, name)
-            try:
-                with open(importlib.util.cache_from_source(source), "rb") as f:
-                    header = f.read(16)
-                st = os.stat(source)
-                fresh = (int.from_bytes(header[4:8], "little") == 0
-                         and int.from_bytes(header[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
-                         and int.from_bytes(header[12:16], "little") == st.st_size & 0xFFFFFFFF)
-            except OSError:
-                fresh = False
-            if not fresh:
-                stale.append(f"{package}/{name}")
+        for parent, dirs, files in os.walk(os.path.join(root, package)):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(files):
+                if not name.endswith(".py"):
+                    continue
+                source = os.path.join(parent, name)
+                if not _fresh_bytecode(source, importlib.util.cache_from_source(source)):
+                    stale.append(os.path.relpath(source, root))
     return stale
+
+
+def _fresh_bytecode(source, cache):
+    try:
+        with open(cache, "rb") as f:
+            header = f.read(16)
+        st = os.stat(source)
+    except OSError:
+        return False
+    return (int.from_bytes(header[4:8], "little") == 0
+            and int.from_bytes(header[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+            and int.from_bytes(header[12:16], "little") == st.st_size & 0xFFFFFFFF)
 
 
 @click.command()

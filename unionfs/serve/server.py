@@ -1,0 +1,114 @@
+"""The serving loop: open the layers, mount them with FUSE, serve on trio, close.
+
+`serve(cfg, ready)` runs in the server's own process (process.py decides
+which one). It holds the workdir's lock, opens the union, mounts it, calls
+`ready(None)` once the kernel has the mount (or `ready(message)` and raises
+MountError if it could not), then serves until the mount goes away or
+SIGINT/SIGTERM/SIGHUP arrives. After an unmount it returns at once, having
+released every layer fd first, so that whoever unmounted can unmount the
+layers next.
+"""
+import fcntl
+import logging
+import os
+import signal
+
+import pyfuse3
+import trio
+
+from ..fs.union import Union
+from ..fuse.ops import Operations
+from .config import MountConfig
+from .validate import MountError
+
+log = logging.getLogger("unionfs")
+
+
+def lock_workdir(work: str) -> int:
+    """Hold an exclusive lock on the workdir for the server's lifetime."""
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MountError(f"workdir {work!r} is in use by another unionfs mount") from None
+    return fd
+
+
+def fuse_options(cfg: MountConfig, privileged: bool) -> set:
+    """The FUSE mount options. `privileged` (the union's profile: real root)
+    decides allow_other, dev and suid, which only real root may ask for."""
+    opts = {"fsname=" + cfg.source.replace(",", "_"), "subtype=unionfs", "default_permissions"}
+    if privileged:
+        opts.add("allow_other")
+        if "nodev" not in cfg.flags:
+            opts.add("dev")
+        if "nosuid" not in cfg.flags:
+            opts.add("suid")
+    for flag in cfg.flags:
+        if flag == "rw":
+            continue
+        opts.add(flag)
+    if cfg.upper is None:
+        opts.add("ro")
+    return opts
+
+
+def open_union(cfg: MountConfig) -> Union:
+    try:
+        return Union(cfg.lowers, cfg.upper, cfg.work, whiteout_format=cfg.whiteout_format,
+                     durable=not cfg.volatile, metacopy=cfg.metacopy)
+    except OSError as e:
+        raise MountError(f"cannot open layers: {e.strerror} ({e.filename!r})") from None
+
+
+def serve(cfg: MountConfig, ready) -> int:
+    """Mount the validated `cfg` and serve it; see the module's docstring."""
+    try:
+        lock_fd = lock_workdir(cfg.work) if cfg.work else None
+        try:
+            union = open_union(cfg)
+        except MountError:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+    except MountError as e:
+        ready(str(e))
+        raise
+    try:
+        pyfuse3.init(Operations(union), cfg.mountpoint,
+                     fuse_options(cfg, union.profile.privileged_mount))
+    except RuntimeError as e:
+        union.close()
+        if lock_fd is not None:
+            os.close(lock_fd)
+        message = f"cannot mount on {cfg.mountpoint!r}: {e}"
+        ready(message)
+        raise MountError(message) from None
+    ready(None)
+    try:
+        trio.run(_main)
+    finally:
+        # release the layers first: whoever unmounted us may unmount them next
+        union.close()
+        if lock_fd is not None:
+            os.close(lock_fd)
+        # after an external unmount the session is gone; unmounting again is harmless
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:   # noqa: BLE001 - best effort on the way out
+            pass
+    return 0
+
+
+async def _main():
+    async with trio.open_nursery() as nursery:
+        async def on_signal():
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                           signal.SIGHUP) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+        nursery.start_soon(on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
