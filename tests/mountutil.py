@@ -14,6 +14,16 @@ UNIONFS = os.path.join(VENV_BIN, "unionfs")
 FUSE_UNIONFS = os.path.join(VENV_BIN, "fuse-unionfs")
 
 
+def node_at(union, path):
+    """The node at a /-separated path of an in-process Union (counting lookups)."""
+    from unionfs.fs.inodes import ROOT_INO
+    ino, node = ROOT_INO, None
+    for part in path.split("/"):
+        node, _ = union.lookup(ino, part.encode())
+        ino = node.ino
+    return node
+
+
 def wait_for(predicate, timeout=10.0, what="condition"):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -94,6 +104,14 @@ class Stack:
 
     def unionfs(self, **kw):
         return unionfs_mount(self.mnt, self.lowers, self.upper, self.work, **kw)
+
+    def open_union(self, upper=True, **kw):
+        """The filesystem on these directories in-process, without a mount."""
+        from unionfs.fs.union import Union
+        lowers = [str(p) for p in self.lowers]
+        if not upper:
+            return Union(lowers, **kw)
+        return Union(lowers, str(self.upper), str(self.work), **kw)
 
     def kernel(self, **kw):
         return kernel_mount(self.mnt, self.lowers, self.upper, self.work, **kw)

@@ -68,7 +68,7 @@ def upper_entries(upper):
 
 
 def _mirror_failed_op_copyups(result, before, ref_upper, mnt):
-    """SEMANTICS: a failed op copies nothing up; docs/format.md lists where the
+    """docs/semantics.md: a failed op copies nothing up; docs/format.md lists where the
     kernel does (setxattr failing with ENODATA/EEXIST, a failed link(), a failed
     rename copying up the target's parent). Such a kernel copy-up shows later
     (a dir becomes merged: nlink 1; its parent's mtime moves), so after an op

@@ -10,12 +10,11 @@ from mountutil import FUSE_UNIONFS, UNIONFS, Stack, force_unmount, wait_for
 
 
 @pytest.fixture
-def stack(tmp_path):
-    s = Stack(tmp_path)
+def stack(make_stack):
+    s = make_stack()
     (s.lowers[0] / "top").write_text("top")
     (s.lowers[1] / "bottom").write_text("bottom")
-    yield s
-    force_unmount(s.mnt)
+    return s
 
 
 def run(args, **kw):

@@ -5,14 +5,14 @@ import stat
 
 import pytest
 
-from mountutil import Stack, kernel_mount
+from mountutil import kernel_mount
 
 SIZE = 8 << 20
 
 
 @pytest.fixture
-def stack(tmp_path):
-    s = Stack(tmp_path, nlowers=1)
+def stack(make_stack):
+    s = make_stack(1)
     with open(s.lowers[0] / "big", "wb") as f:
         f.write(os.urandom(SIZE))
     return s
@@ -99,9 +99,9 @@ def test_without_metacopy_a_chmod_copies_the_data(stack):
     assert (stack.upper / "big").read_bytes() == lower_data(stack)
 
 
-def test_small_metacopy_file_is_recognised_after_a_remount(tmp_path):
+def test_small_metacopy_file_is_recognised_after_a_remount(make_stack):
     """An xattr block can outweigh a small file: block counts alone cannot tell."""
-    s = Stack(tmp_path, nlowers=1)
+    s = make_stack(1)
     (s.lowers[0] / "small").write_bytes(b"x" * 100)
     with s.unionfs(options=["metacopy=on"]):
         os.setxattr(s.mnt / "small", "user.big", b"v" * 3000)    # an external xattr block

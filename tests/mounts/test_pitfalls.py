@@ -1,4 +1,4 @@
-"""SEMANTICS.md's "places where existing union filesystems get this wrong",
+"""docs/semantics.md's "known traps" (places where other union filesystems go wrong),
 one test each, plus hostile layers and inode numbers. All on real mounts."""
 import os
 import pathlib
@@ -8,12 +8,7 @@ import tempfile
 
 import pytest
 
-from mountutil import Stack, kernel_mount, unionfs_mount, wait_for
-
-
-@pytest.fixture
-def stack(tmp_path):
-    return Stack(tmp_path)
+from mountutil import kernel_mount, unionfs_mount, wait_for
 
 
 def test_nlink_of_lower_hard_links(stack):
@@ -131,9 +126,8 @@ def test_truncate_to_the_same_size_updates_mtime(stack):
 def test_failed_removexattr_copies_nothing_up(stack):
     (stack.lowers[0] / "f").write_text("x")
     with stack.unionfs():
-        with pytest.raises(OSError) as e:
+        with pytest.raises(OSError, match="No data available"):
             os.removexattr(stack.mnt / "f", "user.nothere")
-        assert e.value.errno == 61   # ENODATA
     assert os.listdir(stack.upper) == []
 
 
@@ -181,9 +175,8 @@ def test_rename_flags_are_honoured_not_einval(stack):
 
 
 @pytest.fixture
-def two_tmpfs_lowers(tmp_path):
+def two_tmpfs_lowers(stack):
     """Two lower layers on separate tmpfs mounts: their inode numbers coincide."""
-    stack = Stack(tmp_path)
     for low in stack.lowers:
         subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(low)], check=True)
     try:
@@ -318,7 +311,7 @@ def test_symlink_below_a_directory_does_not_leak_host_files(stack, victim):
     with stack.unionfs():
         assert os.listdir(stack.mnt / "a") == []
         (stack.mnt / "a" / "new").write_text("x")
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(FileNotFoundError, match="No such file or directory"):
             open(stack.mnt / "a" / "secret")
     assert sorted(os.listdir(victim)) == ["secret"]
 
@@ -375,9 +368,8 @@ def test_read_only_union_gives_erofs(tmp_path):
         assert (mnt / "f").read_text() == "x"
         for op in (lambda: open(mnt / "f", "a"), lambda: os.mkdir(mnt / "d"),
                    lambda: os.unlink(mnt / "f"), lambda: os.chmod(mnt / "f", 0)):
-            with pytest.raises(OSError) as e:
+            with pytest.raises(OSError, match="Read-only file system"):
                 op()
-            assert e.value.errno == 30   # EROFS
 
 
 # ---- bounded memory ---------------------------------------------------------------

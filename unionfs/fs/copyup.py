@@ -14,14 +14,12 @@ import errno
 import fcntl
 import os
 import stat
-import threading
-from collections import deque
 from dataclasses import dataclass
 
 from ..sys import libc
 from . import whiteout
 from .inodes import pack_key
-
+from .workdir import TempPool, remove_tree, temp_name
 
 
 def origin_xattr(ns: str) -> str:
@@ -39,71 +37,24 @@ META = "meta"       # metadata only: a sparse file marked metacopy; data stays b
 DATA = "data"       # complete a metacopy file: lower data + upper metadata, replacing it
 
 
-def temp_name() -> bytes:
-    return b"#uf" + os.urandom(8).hex().encode()
+class Reflinks:
+    """What one stack has learnt about cloning: the (source st_dev,
+    destination st_dev) pairs on which FICLONE worked, or failed. Shared by
+    the stack's copy jobs (set updates are atomic under the GIL)."""
 
+    def __init__(self):
+        self.works: set = set()
+        self.fails: set = set()
 
-class TempPool:
-    """Empty files and directories made ahead of need in the workdir.
+    def expected(self, devs: tuple) -> bool:
+        return devs in self.works
 
-    Allocating an inode can cost 150-250 us of CPU: ext4 without a journal
-    (this host's) skips recently deleted inodes, reading each one's inode
-    block, and XFS may have to allocate an inode chunk. A copy-up that takes
-    a ready one does not wait for that. The pool is refilled off the request
-    path (refill() runs in a worker thread); an empty pool just means the
-    copy-up creates its own. Pool entries are
-    workdir litter like any other: removed at unmount, and by clean_workdir
-    after a crash."""
+    def worth_trying(self, devs: tuple) -> bool:
+        return devs not in self.fails
 
-    # A few at mount (filling costs CPU that the first requests of a fresh
-    # mount would feel); more once copy-ups show they are needed.
-    START = (4, 2)
-    FULL = (32, 8)
-
-    def __init__(self, work_dir: int):
-        self.work_dir = work_dir
-        self.files: deque = deque()
-        self.dirs: deque = deque()
-        self.want_files, self.want_dirs = self.START
-        self._refilling = threading.Lock()
-        self._closed = False
-
-    def take(self, is_dir: bool) -> bytes | None:
-        self.want_files, self.want_dirs = self.FULL
-        try:
-            return (self.dirs if is_dir else self.files).popleft()
-        except IndexError:
-            return None
-
-    def wanted(self) -> bool:
-        return not self._closed and (len(self.files) <= self.want_files // 2
-                                     or len(self.dirs) <= self.want_dirs // 2)
-
-    def refill(self) -> None:
-        if not self._refilling.acquire(blocking=False):
-            return      # another refill is under way
-        try:
-            while not self._closed and len(self.dirs) < self.want_dirs:
-                name = temp_name()
-                os.mkdir(name, 0o700, dir_fd=self.work_dir)
-                self.dirs.append(name)
-            while not self._closed and len(self.files) < self.want_files:
-                name = temp_name()
-                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                 0o600, dir_fd=self.work_dir))
-                self.files.append(name)
-        except OSError:
-            pass        # a full disk: copy-ups will say so themselves
-        finally:
-            self._refilling.release()
-
-    def close(self) -> None:
-        """Stop refilling (waiting for a refill under way) and remove the pool."""
-        self._closed = True
-        with self._refilling:
-            for q in (self.files, self.dirs):
-                while q:
-                    remove_tree(self.work_dir, q.popleft())
+    def learn(self, devs: tuple, ok: bool) -> None:
+        (self.works if ok else self.fails).add(devs)
+        (self.fails if ok else self.works).discard(devs)
 
 
 @dataclass
@@ -119,6 +70,7 @@ class CopyJob:
     devs: tuple = ()      # (source layer st_dev, upper st_dev)
     clone_only: bool = False  # data by FICLONE or not at all (NotCloned): run inline
     pool: TempPool | None = None
+    reflinks: Reflinks | None = None
     xattr_ns: str = "trusted"   # of the origin and metacopy xattrs we write
 
     @property
@@ -150,20 +102,11 @@ def copy_xattrs(src_path: bytes, dst_path: bytes, follow: bool) -> None:
                 raise
 
 
-# (source st_dev, destination st_dev) pairs on which FICLONE failed, or worked
-_NO_REFLINK: set = set()
-_REFLINK: set = set()
-
-
 class NotCloned(Exception):
     """A clone_only job could not reflink; its fds are still open for a full copy."""
 
 
-def reflink_expected(devs: tuple) -> bool:
-    return devs in _REFLINK
-
-
-def probe_reflink(work_dir: int, devs: tuple) -> bool:
+def probe_reflink(work_dir: int, devs: list, reflinks: Reflinks) -> bool:
     """Can the workdir's filesystem reflink? Learnt once, at mount, for the
     (source st_dev, upper st_dev) pairs in devs (all with the workdir's
     st_dev), so that a clone, which costs no more than a create, never waits
@@ -184,25 +127,29 @@ def probe_reflink(work_dir: int, devs: tuple) -> bool:
             os.close(fd)
         for name in names[:len(fds)]:
             os.unlink(name, dir_fd=work_dir)
-    (_REFLINK if ok else _NO_REFLINK).update(devs)
+    for pair in devs:
+        reflinks.learn(pair, ok)
     return ok
 
 
 def copy_data(src: int, dst: int, size: int, blocks: int | None = None,
-              devs: tuple = (), clone_only: bool = False) -> bool:
+              devs: tuple = (), clone_only: bool = False,
+              reflinks: Reflinks | None = None) -> bool:
     """Copy size bytes; blocks (st_blocks of src) tells a file with no holes,
-    which needs no hole scan; devs (source and destination st_dev) remembers
-    filesystems that cannot reflink. True when the data was reflinked."""
-    if devs not in _NO_REFLINK:
+    which needs no hole scan; devs (source and destination st_dev) and
+    reflinks remember filesystems that cannot reflink. True when the data
+    was reflinked."""
+    if reflinks is None or reflinks.worth_trying(devs):
         try:
             fcntl.ioctl(dst, libc.FICLONE, src)
-            _REFLINK.add(devs)
+            if reflinks is not None:
+                reflinks.learn(devs, True)
             return True
         except OSError:
-            _NO_REFLINK.add(devs)
-            _REFLINK.discard(devs)
+            if reflinks is not None:
+                reflinks.learn(devs, False)
     if clone_only:
-        raise NotCloned()
+        raise NotCloned("the filesystem refused the clone")
     if blocks is not None and blocks * 512 >= size:
         _copy_range(src, dst, 0, size)
         return False
@@ -309,7 +256,7 @@ def _run(job: CopyJob) -> None:
                 try:
                     shared_data = copy_data(src, fd, st.st_size,
                                             None if job.kind == DATA else st.st_blocks, job.devs,
-                                            job.clone_only)
+                                            job.clone_only, job.reflinks)
                 finally:
                     os.close(src)
         elif stat.S_ISDIR(mode):
@@ -346,36 +293,3 @@ def _run(job: CopyJob) -> None:
         raise
     # a copy-up is no change of the parent directory: keep its times, as the kernel does
     os.utime(parent, ns=(parent_st.st_atime_ns, parent_st.st_mtime_ns))
-
-
-def clean_workdir(work_dir: int) -> int:
-    """Remove everything left in the work directory by an earlier crash."""
-    count = 0
-    rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=work_dir)
-    try:
-        names = [os.fsencode(n) for n in os.listdir(rfd)]
-    finally:
-        os.close(rfd)
-    for name in names:
-        remove_tree(work_dir, name)
-        count += 1
-    return count
-
-
-def remove_tree(dirfd: int, name: bytes) -> None:
-    """rm -rf of dirfd/name without following symlinks."""
-    try:
-        os.unlink(name, dir_fd=dirfd)
-        return
-    except FileNotFoundError:
-        return
-    except (IsADirectoryError, PermissionError, OSError) as e:
-        if isinstance(e, OSError) and e.errno not in (errno.EISDIR, errno.EPERM):
-            raise
-    sub = libc.openat2(dirfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        for child in os.listdir(sub):
-            remove_tree(sub, os.fsencode(child))
-    finally:
-        os.close(sub)
-    os.rmdir(name, dir_fd=dirfd)

@@ -1,25 +1,25 @@
-"""pyfuse3 adapter: translates requests into core.Union calls and back.
+"""pyfuse3 adapter: translates requests into calls on the Union façade and back.
 
-Thin by design: bytes and ints in, EntryAttributes out. Every handler maps
+Translation only: bytes and ints in, EntryAttributes out. Every handler maps
 OSError to FUSEError(errno); anything else is logged with its traceback and
-answered EIO, so a bug never takes the server down. Copy-ups run their disk
-work in worker threads (one lock per node: a second open of a file being
-copied up waits for the first copy and does not start another).
+answered EIO, so a bug never takes the server down. An operation that needs
+copy-ups first raises Deferred; `_call` hands that to the copier (worker
+threads, per-node locks: fuse.copier) and calls the operation again.
+
+Concurrency contract: handlers run on the trio event loop, one request at a
+time between awaits; the filesystem (fs.union) is synchronous and is only
+called from here, so its tables need no locks. The only awaits are the
+copier's.
 """
 import errno
 import functools
 import json
 import logging
-import os
-import stat
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pyfuse3
-import trio
 
-from ..fs import copyup
-from ..fs.core import Caller, Union
+from ..fs.union import Caller, Deferred, Union
+from .copier import Copier
 
 log = logging.getLogger("unionfs")
 
@@ -28,6 +28,9 @@ STATS_XATTR = b"user.unionfs.stats"
 
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
+# An operation is retried after each round of copies it asked for; a few
+# rounds are normal (a rename that raced another rename), hundreds a bug.
+MAX_DEFERRALS = 100
 
 
 def translate_errors(fn):
@@ -43,57 +46,52 @@ def translate_errors(fn):
             log.exception("internal error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            if self.u.attr_changed:
-                self._invalidate_attrs()
+            changed = self.u.changed_attrs()
+            if changed:
+                _invalidate_attrs(changed)
     return wrapper
 
 
-# A copy this small, with no fsync to wait for, costs less than a thread hop.
-QUICK_COPY_BYTES = 256 << 10
-# Fault injection for tests: every copy-up runs in a worker thread that first
-# waits this many seconds, so that other requests can arrive mid-copy.
-COPY_DELAY = float(os.environ.get("UNIONFS_COPY_DELAY") or 0)
-
-
-def _delayed(fn):
-    def run(*args):
-        time.sleep(COPY_DELAY)
-        return fn(*args)
-    return run
-
-
-def _quick(job) -> bool:
-    if COPY_DELAY:
-        return False
-    if job.kind == copyup.META or job.clone_only or not stat.S_ISREG(job.st.st_mode):
-        return True
-    return not job.durable and job.st.st_size <= QUICK_COPY_BYTES
-
-
-class CopyWorkers:
-    """Threads for copy-ups that live as long as the server. trio's own
-    thread cache lets an idle thread go after 10 s, and starting a thread
-    costs the next copy-up about half a millisecond."""
-
-    def __init__(self, threads: int):
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="copy-up")
-
-    def start(self, fn, *args) -> None:
-        """Run fn in the background; nobody waits for it."""
-        self._pool.submit(fn, *args)
-
-    async def run(self, fn, *args):
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        future = self._pool.submit(fn, *args)
-        future.add_done_callback(lambda _: token.run_sync_soon(done.set))
-        with trio.CancelScope(shield=True):     # the copy finishes even at shutdown
-            await done.wait()
-        return future.result()
+def _invalidate_attrs(inodes):
+    """A copy-up changes attributes the kernel has cached (ctime, a
+    directory's nlink once merged): drop them. Attribute-only invalidation
+    takes no inode lock, so it is safe inside any request."""
+    for ino in set(inodes):
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError:
+            pass        # the kernel no longer knows the inode: nothing cached
 
 
 def caller(ctx) -> Caller:
     return Caller(ctx.uid, ctx.gid, ctx.umask)
+
+
+def entry_attributes(ino, attrs) -> pyfuse3.EntryAttributes:
+    st = attrs.st
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = ino
+    a.generation = 0
+    a.entry_timeout = ENTRY_TIMEOUT
+    a.attr_timeout = ATTR_TIMEOUT
+    a.st_mode = st.st_mode
+    a.st_nlink = attrs.nlink
+    a.st_uid = st.st_uid
+    a.st_gid = st.st_gid
+    a.st_rdev = st.st_rdev
+    a.st_size = st.st_size
+    a.st_blksize = st.st_blksize
+    a.st_blocks = st.st_blocks
+    a.st_atime_ns = st.st_atime_ns
+    a.st_mtime_ns = st.st_mtime_ns
+    a.st_ctime_ns = st.st_ctime_ns
+    return a
+
+
+def entry(node_attrs) -> pyfuse3.EntryAttributes:
+    """The reply to a request that names an entry (its node id and attributes)."""
+    node, attrs = node_attrs
+    return entry_attributes(node.ino, attrs)
 
 
 class Operations(pyfuse3.Operations):
@@ -103,79 +101,22 @@ class Operations(pyfuse3.Operations):
     def __init__(self, union: Union, copy_threads: int = 4):
         super().__init__()
         self.u = union
-        self._copy_locks: dict[int, trio.Lock] = {}
-        self._workers = CopyWorkers(copy_threads)
-        self._refill_temp_pool()
+        self._copier = Copier(union, copy_threads)
 
-    def _refill_temp_pool(self):
-        if self.u.temp_pool is not None and self.u.temp_pool.wanted():
-            self._workers.start(self.u.temp_pool.refill)
-
-    # ---- attributes -------------------------------------------------------
-
-    def _attrs(self, node, st_nlink) -> pyfuse3.EntryAttributes:
-        st, nlink = st_nlink
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.generation = 0
-        a.entry_timeout = ENTRY_TIMEOUT
-        a.attr_timeout = ATTR_TIMEOUT
-        a.st_mode = st.st_mode
-        a.st_nlink = nlink
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
-        a.st_rdev = st.st_rdev
-        a.st_size = st.st_size
-        a.st_blksize = st.st_blksize
-        a.st_blocks = st.st_blocks
-        a.st_atime_ns = st.st_atime_ns
-        a.st_mtime_ns = st.st_mtime_ns
-        a.st_ctime_ns = st.st_ctime_ns
-        return a
-
-    def _reply(self, node_stat):
-        node, st = node_stat
-        return self._attrs(node, st)
-
-    # ---- copy-up off the event loop ---------------------------------------
-
-    async def _copy_up(self, node, meta_only=False):
-        for n in self.u.copyup_chain(node, meta_only):
-            lock = self._copy_locks.setdefault(n.ino, trio.Lock())
-            async with lock:
-                # the copy may have happened while we waited for the lock
-                if n in self.u.copyup_chain(n, meta_only):
-                    job = self.u.copyup_job(n, meta_only)
-                    if _quick(job):
-                        try:
-                            copyup.run(job)
-                        except copyup.NotCloned:
-                            job.clone_only = False
-                            await self._workers.run(copyup.run, job)
-                    else:
-                        await self._workers.run(_delayed(copyup.run) if COPY_DELAY
-                                                else copyup.run, job)
-                    self.u.commit_copyup(n, job)
-            if not lock.statistics().tasks_waiting:
-                self._copy_locks.pop(n.ino, None)
-        self._refill_temp_pool()
-
-    def _invalidate_attrs(self):
-        """A copy-up changes attributes the kernel has cached (ctime, a
-        directory's nlink once merged): drop them. Attribute-only invalidation
-        takes no inode lock, so it is safe inside any request."""
-        changed, self.u.attr_changed = self.u.attr_changed, []
-        for ino in set(changed):
+    async def _call(self, fn, *args, **kwargs):
+        """fn(*args), after the copy-ups it asks for (see the module doc)."""
+        for _ in range(MAX_DEFERRALS):
             try:
-                pyfuse3.invalidate_inode(ino, attr_only=True)
-            except OSError:
-                pass        # the kernel no longer knows the inode: nothing cached
+                return fn(*args, **kwargs)
+            except Deferred as d:
+                await self._copier.settle(d)
+        raise RuntimeError(f"{fn.__name__} still deferred after {MAX_DEFERRALS} rounds")
 
     # ---- handlers -----------------------------------------------------------
 
     @translate_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._reply(self.u.lookup(parent_inode, name))
+        return entry(self.u.lookup(parent_inode, name))
 
     async def forget(self, inode_list):
         for ino, count in inode_list:
@@ -183,16 +124,11 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def getattr(self, inode, ctx=None):
-        node, st = self.u.getattr(inode)
-        a = self._attrs(node, st)
-        if inode == pyfuse3.ROOT_INODE:
-            a.st_ino = self.u.root_st_ino
-        return a
+        node, attrs = self.u.getattr(inode)
+        return entry_attributes(attrs.ino, attrs)
 
     @translate_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        node = self.u.node(inode)
-        await self._copy_up(node, meta_only=not fields.update_size)
         kw = {}
         if fields.update_mode:
             kw["mode"] = attr.st_mode
@@ -206,7 +142,8 @@ class Operations(pyfuse3.Operations):
             kw["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             kw["mtime_ns"] = attr.st_mtime_ns
-        return self._reply(self.u.setattr(inode, fh=fh, **kw))
+        node, attrs = await self._call(self.u.setattr, inode, fh=fh, **kw)
+        return entry_attributes(attrs.ino, attrs)
 
     @translate_errors
     async def readlink(self, inode, ctx):
@@ -218,15 +155,13 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def readdir(self, fh, start_id, token):
-        for next_id, name, node, st in self.u.readdir(fh, start_id):
-            attrs = self._attrs(node, st)
-            if node.parent is None:     # only . or .. can name the root here
-                attrs.st_ino = self.u.root_st_ino
-            if not pyfuse3.readdir_reply(token, name, attrs, next_id):
-                self.u.forget(node.ino, 0)      # not sent: keep no node for it
+        for next_id, name, node, attrs in self.u.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(attrs.ino, attrs),
+                                         next_id):
+                self.u.entry_unsent(node)
                 break
             if next_id > 2:     # the kernel takes no reference for . and ..
-                node.lookups += 1
+                self.u.entry_sent(node)
 
     @translate_errors
     async def releasedir(self, fh):
@@ -238,48 +173,45 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        await self._copy_up(self.u.node(parent_inode))
-        return self._reply(self.u.mkdir(parent_inode, name, mode, caller(ctx)))
+        return entry(await self._call(self.u.mkdir, parent_inode, name, mode, caller(ctx)))
 
     @translate_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        await self._copy_up(self.u.node(parent_inode))
-        return self._reply(self.u.mknod(parent_inode, name, mode, rdev, caller(ctx)))
+        return entry(await self._call(self.u.mknod, parent_inode, name, mode, rdev,
+                                      caller(ctx)))
 
     @translate_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        await self._copy_up(self.u.node(parent_inode))
-        return self._reply(self.u.symlink(parent_inode, name, target, caller(ctx)))
+        return entry(await self._call(self.u.symlink, parent_inode, name, target,
+                                      caller(ctx)))
 
     @translate_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        await self._copy_up(self.u.node(inode))
-        return self._reply(self.u.link(inode, new_parent_inode, new_name))
+        return entry(await self._call(self.u.link, inode, new_parent_inode, new_name))
 
     @translate_errors
     async def unlink(self, parent_inode, name, ctx):
-        self.u.unlink(parent_inode, name)
+        await self._call(self.u.unlink, parent_inode, name)
 
     @translate_errors
     async def rmdir(self, parent_inode, name, ctx):
-        self.u.rmdir(parent_inode, name)
+        await self._call(self.u.rmdir, parent_inode, name)
 
     @translate_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self.u.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        await self._call(self.u.rename, parent_inode_old, name_old, parent_inode_new,
+                         name_new, flags)
 
     @translate_errors
     async def open(self, inode, flags, ctx):
-        if self.u.needs_copyup_for_open(flags):
-            await self._copy_up(self.u.node(inode))
-        fh = self.u.open(inode, flags, caller(ctx))
+        fh = await self._call(self.u.open, inode, flags, caller(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @translate_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        await self._copy_up(self.u.node(parent_inode))
-        fh, node, st = self.u.create(parent_inode, name, mode, flags, caller(ctx))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attrs(node, st)
+        fh, node, attrs = await self._call(self.u.create, parent_inode, name, mode, flags,
+                                           caller(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry_attributes(node.ino, attrs)
 
     @translate_errors
     async def read(self, fh, off, size):
@@ -313,14 +245,11 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def setxattr(self, inode, name, value, ctx):
-        await self._copy_up(self.u.node(inode), meta_only=True)
-        self.u.setxattr(inode, name, value)
+        await self._call(self.u.setxattr, inode, name, value)
 
     @translate_errors
     async def removexattr(self, inode, name, ctx):
-        self.u.getxattr(inode, name)          # a missing name: ENODATA, nothing copied
-        await self._copy_up(self.u.node(inode), meta_only=True)
-        self.u.removexattr(inode, name)
+        await self._call(self.u.removexattr, inode, name)
 
     @translate_errors
     async def access(self, inode, mode, ctx):

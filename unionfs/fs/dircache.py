@@ -1,0 +1,95 @@
+"""Directory caches: O_PATH fds of directories per layer, and lower listings.
+
+Every name is resolved relative to its parent's fd in a layer, so the fds of
+busy directories are kept (an LRU, bounded). After LISTING_AFTER_PROBES
+lookups in one directory, its lower layers' listings are read once and kept:
+each further name then costs a set lookup instead of an lstat per layer
+(lower layers do not change while mounted). Bounded by the total number of
+names kept. The upper is never listed ahead: it changes under us.
+"""
+import os
+from collections import OrderedDict
+
+from .layers import ABSENT_ERRNOS, layer_names
+
+UPPER = 0
+DIRFD_CACHE_SIZE = 4096
+LISTING_AFTER_PROBES = 8
+LISTING_CACHE_NAMES = 200_000
+
+
+class DirCache:
+    def __init__(self, layers):
+        self.layers = layers
+        self._fds: OrderedDict = OrderedDict()        # (node, layer) -> fd
+        self._listings: OrderedDict = OrderedDict()   # (node, layer) -> frozenset
+        self.listed_names = 0
+
+    def dirfd(self, node, li: int) -> int | None:
+        """An O_PATH fd of directory node in layer li, None if absent there."""
+        key = (node, li)
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        try:
+            fd = self.layers[li].open_dir(node.path())
+        except OSError as e:
+            if e.errno in ABSENT_ERRNOS:
+                return None
+            raise
+        self._fds[key] = fd
+        if len(self._fds) > DIRFD_CACHE_SIZE:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def drop(self, node) -> None:
+        """Forget node's fds and listings in every layer (it moved, or is gone)."""
+        for li in range(len(self.layers)):
+            fd = self._fds.pop((node, li), None)
+            if fd is not None:
+                os.close(fd)
+            names = self._listings.pop((node, li), None)
+            if names is not None:
+                self.listed_names -= len(names)
+
+    def keep_listing(self, node, li: int, names: frozenset) -> None:
+        if li == UPPER:
+            return
+        old = self._listings.pop((node, li), None)
+        if old is not None:
+            self.listed_names -= len(old)
+        self._listings[(node, li)] = names
+        self.listed_names += len(names)
+        while self.listed_names > LISTING_CACHE_NAMES and len(self._listings) > 1:
+            _, dropped = self._listings.popitem(last=False)
+            self.listed_names -= len(dropped)
+
+    def names(self, node, li: int):
+        """The names in node's directory in lower layer li, once node is busy
+        (None: not known, probe the disk)."""
+        if li == UPPER:
+            return None
+        names = self._listings.get((node, li))
+        if names is not None:
+            self._listings.move_to_end((node, li))
+            return names
+        if node.probes < LISTING_AFTER_PROBES:
+            return None
+        dfd = self.dirfd(node, li)
+        if dfd is None:
+            return None
+        names = layer_names(dfd)
+        self.keep_listing(node, li, names)
+        return names
+
+    def __len__(self):
+        return len(self._fds)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._listings.clear()
+        self.listed_names = 0

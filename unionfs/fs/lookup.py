@@ -1,0 +1,212 @@
+"""Names to nodes: probing the layers, identity keys, the union's stat, names.
+
+`probe` resolves a name in a merged directory (layers.probe with the
+directory caches); `node_for` turns what it found into the node of the
+table (one per identity key: the origin's (st_dev, st_ino)); `stat` is an
+object's attributes as the union shows them. A node remembers one name
+(parent, name) to reach it by, plus, for a hard-linked file, the others
+(aliases), so that removing the name in use falls back on another one.
+"""
+import errno
+import functools
+import os
+import stat
+
+from . import whiteout
+from .inodes import Node, unpack_key
+from .layers import list_names, lower_positive, lstat_at
+from .layers import probe as probe_layers
+from .stack import UPPER, Stack, err
+
+# A metacopy file is a hole; its blocks (512-byte units) hold xattrs at most.
+METACOPY_MAX_BLOCKS = 16
+
+
+def probe(stack: Stack, parent: Node, name: bytes):
+    """Where name resolves in parent (a layers.Found), or None."""
+    if whiteout.is_marker_name(name):
+        return None
+    parent.probes += 1
+    dirs = stack.dirs
+    return probe_layers(parent.layers, functools.partial(dirs.dirfd, parent), name,
+                        functools.partial(dirs.names, parent))
+
+
+def identity_key(stack: Stack, parent: Node, name: bytes, found) -> tuple:
+    if found.layer == UPPER:
+        dfd = stack.dirfd(parent, UPPER)
+        try:
+            raw = os.getxattr(whiteout.entry_path(dfd, name), stack.origin_xattr,
+                              follow_symlinks=False)
+            key = unpack_key(raw)
+            if key is not None:
+                return key
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                raise
+    st = found.st
+    if found.layer != UPPER and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+        path = parent.path()
+        return (st.st_dev, st.st_ino, (path + b"/" if path else b"") + name)
+    return (st.st_dev, st.st_ino)
+
+
+def node_for(stack: Stack, parent: Node, name: bytes, found) -> Node:
+    """The node of the object found at parent/name (made if new)."""
+    key = identity_key(stack, parent, name, found)
+    nodes = stack.nodes
+    ino = nodes.ino_for(key)
+    node = nodes.get(ino)
+    kind = stat.S_IFMT(found.st.st_mode)
+    if node is None or node.kind != kind:
+        node = nodes.add(Node(ino, key, parent, name, kind, found.layer,
+                              found.layers or (found.layer,)))
+        if found.layer == UPPER and kind == stat.S_IFREG:
+            node.data_layer = metacopy_data_layer(stack, parent, name, found.st)
+        return node
+    name_node(node, parent, name)
+    if kind == stat.S_IFDIR:
+        new_layers = found.layers or (found.layer,)
+        if new_layers != node.layers:
+            stack.dirs.drop(node)
+        node.layer, node.layers = found.layer, new_layers
+    elif found.layer < node.layer:
+        node.layer, node.layers = found.layer, (found.layer,)
+    return node
+
+
+def metacopy_data_layer(stack: Stack, parent: Node, name: bytes, st) -> int | None:
+    """For an upper metacopy file, the lower layer holding its data."""
+    if not st.st_size or st.st_blocks > METACOPY_MAX_BLOCKS:
+        return None     # holds data: no metacopy (most big files are ruled out here)
+    dfd = stack.dirfd(parent, UPPER)
+    try:
+        os.getxattr(whiteout.entry_path(dfd, name), stack.metacopy_xattr,
+                    follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
+    data = probe_layers(parent.layers[1:], lambda li: stack.dirfd(parent, li), name)
+    if data is None or not stat.S_ISREG(data.st.st_mode):
+        raise err(errno.EIO, name)      # the kernel too refuses a metacopy without data
+    return data.layer
+
+
+def child(stack: Stack, parent: Node, name: bytes):
+    """(found, node-or-None) for an existing child, without counting a lookup."""
+    found = probe(stack, parent, name)
+    if found is None:
+        return None, None
+    return found, node_for(stack, parent, name, found)
+
+
+def lookup(stack: Stack, parent_ino: int, name: bytes):
+    """Resolve name in a directory; counts one lookup. Returns (node, stat)."""
+    parent = stack.node(parent_ino)
+    if name == b".":
+        node = parent
+    elif name == b"..":
+        node = parent.parent or parent
+    else:
+        found = probe(stack, parent, name)
+        if found is None:
+            raise err(errno.ENOENT, name)
+        node = node_for(stack, parent, name, found)
+        node.lookups += 1
+        return node, union_stat(stack, node, found)
+    node.lookups += 1
+    return node, union_stat(stack, node)
+
+
+def forget(stack: Stack, ino: int, count: int) -> None:
+    node = stack.nodes.get(ino)
+    stack.nodes.forget(ino, count)
+    if node is not None and stack.nodes.get(ino) is not node:
+        stack.dirs.drop(node)
+
+
+def raw_stat(stack: Stack, node: Node) -> os.stat_result:
+    """The lstat of node's top object."""
+    if node.parent is None:
+        return os.fstat(stack.layers[node.layer].fd)
+    if not node.unlinked:
+        dfd = stack.dirfd(node.parent, node.layer)
+        if dfd is not None:
+            st = lstat_at(dfd, node.name)
+            if st is not None:
+                return st
+    if node.handles:
+        return os.fstat(node.handles[0].fd)
+    if node.orphan_st is not None:
+        return node.orphan_st
+    raise err(errno.ENOENT, node.path())
+
+
+def union_stat(stack: Stack, node: Node, found=None):
+    """(stat_result, nlink) of a node as the union shows it; `found`, a
+    fresh probe result for the node, saves a second lstat."""
+    if found is not None and found.layer == node.layer and not node.unlinked:
+        st = found.st
+    else:
+        st = raw_stat(stack, node)
+    if node.unlinked:
+        # an upper file may keep names we never looked up; a lower one (or a
+        # metacopy, whose open files are on the lower data) has none left
+        keeps_names = (node.layer == UPPER and node.data_layer is None
+                       and node.kind == stat.S_IFREG)
+        nlink = st.st_nlink if keeps_names else 0
+    elif node.kind == stat.S_IFDIR and len(node.layers) > 1:
+        nlink = 1       # a merged directory, as overlayfs reports it
+    else:
+        nlink = st.st_nlink
+    return st, nlink
+
+
+def is_lower_positive(stack: Stack, parent: Node, name: bytes) -> bool:
+    """Does a lower layer show parent/name (so removing it needs a whiteout)?"""
+    return lower_positive(parent.layers, lambda li: stack.dirfd(parent, li), name, UPPER)
+
+
+def layers_below(stack: Stack, parent: Node, name: bytes) -> tuple:
+    """The lower layers in which parent/name is a directory that merges."""
+    found = probe_layers(parent.layers[1:], lambda li: stack.dirfd(parent, li), name)
+    return found.layers if found is not None and found.layers else ()
+
+
+def merged_names(stack: Stack, node: Node) -> list:
+    """The names a directory shows (for emptiness checks)."""
+    names = list_names(lambda li: stack.dirfd(node, li), node.layers)
+    return [n for n in names if probe(stack, node, n) is not None]
+
+
+def name_node(node: Node, parent: Node, name: bytes) -> None:
+    """parent/name names node, and becomes the name we use for it."""
+    if node.parent is None:
+        return
+    if node.kind != stat.S_IFDIR and (node.parent is not parent or node.name != name) \
+            and not node.unlinked:
+        if node.aliases is None:
+            node.aliases = set()
+        node.aliases.add((node.parent, node.name))
+    node.parent, node.name, node.unlinked = parent, name, False
+    if node.aliases:
+        node.aliases.discard((parent, name))
+
+
+def unname(stack: Stack, node: Node, parent: Node, name: bytes) -> None:
+    """parent/name no longer names node: fall back on another of its names."""
+    if node.aliases:
+        node.aliases.discard((parent, name))
+    if node.parent is not parent or node.name != name:
+        return
+    while node.aliases:
+        other_parent, other_name = node.aliases.pop()
+        found = probe(stack, other_parent, other_name)
+        if found is not None and \
+                identity_key(stack, other_parent, other_name, found) == node.key:
+            node.parent, node.name = other_parent, other_name
+            return
+    node.unlinked = True
+    if node.kind == stat.S_IFDIR:
+        stack.dirs.drop(node)

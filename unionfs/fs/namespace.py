@@ -1,0 +1,169 @@
+"""Removing and moving names: unlink, rmdir, rename (with its flags).
+
+A name that a lower layer shows is hidden by a whiteout when it goes: made
+in the same step as the removal where the kernel's format allows it
+(renameat2 RENAME_WHITEOUT), else written right after. A directory arriving
+where lower layers hold its name becomes opaque. A directory that exists in a
+lower layer cannot be renamed (EXDEV, the kernel's default without
+redirect_dir). Everything an operation needs copied up is asked for (and
+in flight copies of what it touches waited for) before it changes anything.
+"""
+import errno
+import os
+import stat
+
+from ..sys import libc
+from . import whiteout, workdir
+from .copyplan import require
+from .create import check_name
+from .inodes import Node
+from .layers import lstat_at
+from .lookup import child, is_lower_positive, merged_names, name_node, unname
+from .stack import UPPER, Stack, err
+
+
+def remove_upper_entry(stack: Stack, parent: Node, name: bytes, needs_whiteout: bool,
+                       is_dir: bool) -> None:
+    udfd = stack.upper_dirfd(parent)
+    present = lstat_at(udfd, name) is not None
+    if present and needs_whiteout and stack.fmt == whiteout.FORMAT_KERNEL:
+        # move it out and leave a whiteout in one step
+        tmp = workdir.temp_name()
+        libc.renameat2(udfd, name, stack.work_fd, tmp, libc.RENAME_WHITEOUT)
+        workdir.remove_tree(stack.work_fd, tmp)
+        return
+    if present:
+        if is_dir:
+            tmp = workdir.temp_name()
+            libc.renameat2(udfd, name, stack.work_fd, tmp, libc.RENAME_NOREPLACE)
+            workdir.remove_tree(stack.work_fd, tmp)
+        else:
+            os.unlink(name, dir_fd=udfd)
+    if needs_whiteout:
+        whiteout.make_whiteout(udfd, name, stack.fmt)
+
+
+def unlink(stack: Stack, parent_ino, name) -> None:
+    parent = stack.node(parent_ino)
+    found, node = child(stack, parent, name)
+    if node is None:
+        raise err(errno.ENOENT, name)
+    if node.kind == stat.S_IFDIR:
+        raise err(errno.EISDIR, name)
+    stack.require_upper()
+    require(stack, needs=((parent, False),), touches=(node,))
+    if node.kind != stat.S_IFREG:
+        node.orphan_st = found.st     # FIFOs, devices: the kernel opens them, not us
+    needs_whiteout = found.layer != UPPER or is_lower_positive(stack, parent, name)
+    remove_upper_entry(stack, parent, name, needs_whiteout, is_dir=False)
+    unname(stack, node, parent, name)
+
+
+def rmdir(stack: Stack, parent_ino, name) -> None:
+    parent = stack.node(parent_ino)
+    found, node = child(stack, parent, name)
+    if node is None:
+        raise err(errno.ENOENT, name)
+    if node.kind != stat.S_IFDIR:
+        raise err(errno.ENOTDIR, name)
+    if merged_names(stack, node):
+        raise err(errno.ENOTEMPTY, name)
+    stack.require_upper()
+    require(stack, needs=((parent, False),), touches=(node,))
+    needs_whiteout = found.layer != UPPER or is_lower_positive(stack, parent, name)
+    remove_upper_entry(stack, parent, name, needs_whiteout, is_dir=True)
+    unname(stack, node, parent, name)
+
+
+def _dir_in_lower(found) -> bool:
+    return stat.S_ISDIR(found.st.st_mode) and (found.layer != UPPER or len(found.layers) > 1)
+
+
+def _is_ancestor(node: Node, other: Node) -> bool:
+    while other is not None:
+        if other is node:
+            return True
+        other = other.parent
+    return False
+
+
+def _make_opaque(stack: Stack, dirfd: int, name: bytes, node: Node) -> None:
+    fd = libc.openat2(dirfd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        whiteout.make_opaque(fd, stack.fmt)
+    finally:
+        os.close(fd)
+    node.layers = (UPPER,)
+
+
+def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, flags=0) -> None:
+    if flags & ~(libc.RENAME_NOREPLACE | libc.RENAME_EXCHANGE) or \
+            flags == libc.RENAME_NOREPLACE | libc.RENAME_EXCHANGE:
+        raise err(errno.EINVAL)
+    old_parent = stack.node(old_parent_ino)
+    new_parent = stack.node(new_parent_ino)
+    check_name(new_name)
+    src_found, src = child(stack, old_parent, old_name)
+    if src is None:
+        raise err(errno.ENOENT, old_name)
+    dst_found, dst = child(stack, new_parent, new_name)
+    exchange = bool(flags & libc.RENAME_EXCHANGE)
+    if exchange and dst is None:
+        raise err(errno.ENOENT, new_name)
+    if dst is not None and flags & libc.RENAME_NOREPLACE:
+        raise err(errno.EEXIST, new_name)
+    if dst is src and not exchange:
+        return      # the same file under both names: nothing to do
+    stack.require_upper()
+    if _dir_in_lower(src_found) or (exchange and _dir_in_lower(dst_found)):
+        raise err(errno.EXDEV)
+    src_is_dir = src.kind == stat.S_IFDIR
+    if dst is not None and not exchange:
+        dst_is_dir = dst.kind == stat.S_IFDIR
+        if src_is_dir and not dst_is_dir:
+            raise err(errno.ENOTDIR, new_name)
+        if dst_is_dir and not src_is_dir:
+            raise err(errno.EISDIR, new_name)
+        if dst_is_dir and merged_names(stack, dst):
+            raise err(errno.ENOTEMPTY, new_name)
+    if src_is_dir and _is_ancestor(src, new_parent):
+        raise err(errno.EINVAL)
+    needs = [(old_parent, False), (new_parent, False), (src, False)]
+    if exchange:
+        needs.append((dst, False))
+    require(stack, needs=needs, touches=(src,) if dst is None else (src, dst))
+    old_dfd = stack.upper_dirfd(old_parent)
+    new_dfd = stack.upper_dirfd(new_parent)
+    # a directory arriving where lower layers hold the name must hide them
+    if src_is_dir and is_lower_positive(stack, new_parent, new_name):
+        _make_opaque(stack, old_dfd, old_name, src)
+    if exchange:
+        if dst.kind == stat.S_IFDIR and is_lower_positive(stack, old_parent, old_name):
+            _make_opaque(stack, new_dfd, new_name, dst)
+        libc.renameat2(old_dfd, old_name, new_dfd, new_name, libc.RENAME_EXCHANGE)
+        unname(stack, src, old_parent, old_name)
+        unname(stack, dst, new_parent, new_name)
+        name_node(src, new_parent, new_name)
+        name_node(dst, old_parent, old_name)
+        return
+    src_needs_whiteout = is_lower_positive(stack, old_parent, old_name)
+    dst_ust = lstat_at(new_dfd, new_name)
+    if dst_ust is not None and stat.S_ISDIR(dst_ust.st_mode):
+        # the upper target may hold whiteouts of its (empty) merged view
+        tmp = workdir.temp_name()
+        libc.renameat2(new_dfd, new_name, stack.work_fd, tmp, libc.RENAME_NOREPLACE)
+        workdir.remove_tree(stack.work_fd, tmp)
+    elif dst_ust is not None and src_is_dir:
+        # a whiteout under the target name: a directory cannot replace it
+        os.unlink(new_name, dir_fd=new_dfd)
+    rflags = libc.RENAME_WHITEOUT if (src_needs_whiteout and
+                                      stack.fmt == whiteout.FORMAT_KERNEL) else 0
+    libc.renameat2(old_dfd, old_name, new_dfd, new_name, rflags)
+    if src_needs_whiteout and not rflags:
+        whiteout.make_whiteout(old_dfd, old_name, stack.fmt)
+    if stack.fmt == whiteout.FORMAT_OCI and not src_is_dir:
+        whiteout.remove_oci_whiteout(new_dfd, new_name)
+    if dst is not None:
+        unname(stack, dst, new_parent, new_name)
+    unname(stack, src, old_parent, old_name)
+    name_node(src, new_parent, new_name)
