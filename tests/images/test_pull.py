@@ -292,3 +292,17 @@ def test_an_empty_layer_and_a_repeated_blob(registry, tmp_path):
     skopeo_push(layout, "e", f"{registry.host}/empty:1")
     pull(tmp_path / "store", f"{registry.host}/empty:1")
     assert len(stored(tmp_path / "store", f"{registry.host}/empty:1").layers) == 3
+
+
+def test_a_pulled_image_runs(sample, registry, tmp_path):
+    layout, _ = sample
+    skopeo_push(layout, "mixed", f"{registry.host}/sample:1")
+    ref = f"{registry.host}/sample:1"
+    pull(tmp_path / "store", ref)
+    lowers = [arg for d in stored(tmp_path / "store", ref).lowerdirs for arg in ("--lower", d)]
+    proc = subprocess.run([UNIONFS, "run", *lowers, "--", "/bin/sh", "-c",
+                           "cat /top.txt; ls /opaque; ls /data"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["top", "0", "new",
+                                   "big", "empty", "file", "h1", "h2", "h3", "setgid", "setuid"]
