@@ -178,6 +178,8 @@ def test_killed_pull_resumes_with_a_range_request(sample, registry, tmp_path):
         assert 0 < had < 5 << 20
         from unionfs.image.store import Store
         assert Store.open(str(store)).refs() == {}          # nothing named yet
+        for layer in os.listdir(store / "layers"):           # only whole layers in place
+            assert os.path.exists(store / "layers" / layer / "layer.json")
         proxy.throttle = None
         proxy.log.clear()
         pull(store, f"{proxy.host}/sample:1")
