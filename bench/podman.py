@@ -436,11 +436,14 @@ def main(argv=None) -> int:
                              "user (set UNIONFS_FUSE_UNIONFS to one that is)")
     workdir = tempfile.mkdtemp(prefix="ufsbp-", dir="/tmp")     # podman: runroot < 50 chars
     os.chmod(workdir, 0o755)
+    load_before = os.getloadavg()[0]
     try:
         records = measure_podman_run(args.reps, modes, workdir, notes)
         if not args.no_profile:
             records += measure_mount(args.reps, workdir)
         print(format_table(records))
+        print(f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+              f"({os.cpu_count()} CPUs)")
         for key, note in notes.items():
             print(f"{key}: {note}")
         if not args.no_profile:

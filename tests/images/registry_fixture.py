@@ -6,6 +6,8 @@
 - `TokenServer`: the bearer-token half of token auth: checks basic
   credentials, grants scopes by a per-user policy and signs JWTs (ES256,
   PyJWT) with a test key whose certificate is the registry's rootcertbundle.
+- images: layer tars (tarbuild's), OCI layouts with any mix of compressions,
+  indexes, skopeo and umoci; rootfs comparison is treecmp's.
 - `Proxy`: a loopback HTTP proxy in front of a registry that logs every
   request and lets a test rewrite answers (wrong digests, truncated blobs,
   non-JSON manifests, huge sizes, redirects) or slow them down.
@@ -387,30 +389,17 @@ def token_registry(root, users, grants):
 # -- images: layers made with tarfile (a writer here), OCI layouts, real tools --
 
 def tar_entries(entries) -> bytes:
-    """A layer tar from (kind, name, props) tuples: kind is file, dir, symlink,
-    hardlink, fifo, chardev; props: data, mode, uid, gid, target, xattrs,
-    major, minor."""
-    import io
-    import tarfile
-    buf = io.BytesIO()
-    kinds = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
-             "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE, "chardev": tarfile.CHRTYPE}
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for kind, name, props in entries:
-            ti = tarfile.TarInfo(name)
-            ti.type = kinds[kind]
-            ti.mode = props.get("mode", 0o755 if kind == "dir" else 0o644)
-            ti.uid, ti.gid = props.get("uid", 0), props.get("gid", 0)
-            ti.uname = ti.gname = ""
-            ti.mtime = props.get("mtime", 1_000_000_000)
-            ti.linkname = props.get("target", "")
-            ti.devmajor, ti.devminor = props.get("major", 0), props.get("minor", 0)
-            ti.pax_headers = {f"SCHILY.xattr.{k}": v
-                              for k, v in props.get("xattrs", {}).items()}
-            data = props.get("data", b"")
-            ti.size = len(data) if kind == "file" else 0
-            tf.addfile(ti, io.BytesIO(data) if kind == "file" else None)
-    return buf.getvalue()
+    """A layer tar (tarbuild's) from (kind, name, props) tuples: kind is file,
+    dir, symlink, hardlink, fifo, chardev; props: data, mode, uid, gid,
+    target, xattrs, major, minor."""
+    from tarbuild import entry, make_tar
+    kinds = {"chardev": "char"}
+    return make_tar([entry(name, kinds.get(kind, kind), props.get("data", b""),
+                           mode=props.get("mode"), uid=props.get("uid", 0),
+                           gid=props.get("gid", 0), link=props.get("target", ""),
+                           xattrs=props.get("xattrs"),
+                           dev=(props.get("major", 0), props.get("minor", 0)))
+                     for kind, name, props in entries])
 
 
 def compress(data: bytes, compression: str) -> bytes:
@@ -507,40 +496,6 @@ def umoci_unpack(layout: str, tag: str, dest: str) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"umoci unpack: {proc.stderr.strip()}")
     return os.path.join(dest, "rootfs")
-
-
-def tree(root: str, skip=()) -> dict:
-    """Everything a rootfs comparison looks at, by relative path: type, mode,
-    owner, size, content hash, xattrs, link target, device numbers; plus
-    "hardlinks": the sets of paths that share an inode."""
-    import hashlib
-    import stat as st
-    out, inodes = {}, {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            if rel in skip or rel.split("/")[0] in skip:
-                continue
-            s = os.lstat(path)
-            entry = {"mode": oct(s.st_mode), "uid": s.st_uid, "gid": s.st_gid}
-            if st.S_ISREG(s.st_mode):
-                with open(path, "rb") as f:
-                    entry["sha256"] = hashlib.sha256(f.read()).hexdigest()
-                entry["size"] = s.st_size
-                if s.st_nlink > 1:
-                    inodes.setdefault((s.st_dev, s.st_ino), []).append(rel)
-            elif st.S_ISLNK(s.st_mode):
-                entry["target"] = os.readlink(path)
-            elif st.S_ISCHR(s.st_mode) or st.S_ISBLK(s.st_mode):
-                entry["rdev"] = (os.major(s.st_rdev), os.minor(s.st_rdev))
-            entry["xattrs"] = {k: os.getxattr(path, k, follow_symlinks=False)
-                               for k in sorted(os.listxattr(path, follow_symlinks=False))
-                               if k.startswith("user.")}
-            out[rel] = entry
-    out["hardlinks"] = sorted(sorted(v) for v in inodes.values() if len(v) > 1)
-    return out
 
 
 def sample_layers(seed: int = 0):

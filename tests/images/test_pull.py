@@ -25,9 +25,9 @@ from registry_fixture import (
     skopeo_push,
     tar_entries,
     token_registry,
-    tree,
     umoci_unpack,
 )
+from treecmp import describe, diff, provider
 
 from mountutil import UNIONFS, unionfs_mount, wait_for
 
@@ -50,28 +50,13 @@ def stored(store_dir, ref):
 
 
 def merged_tree(store_dir, ref, mnt):
-    """The image as a container sees it (mounted with unionfs). unionfs gives
+    """The image as a container sees it, mounted with unionfs. unionfs gives
     each name of a lower hard-link set its own inode on purpose (docs/format.md,
-    "Lower hard links"), so the sets are taken from the layers the pull
-    unpacked: each visible name's object in the topmost layer holding it."""
+    "Lower hard links"), so link sets come from the layers the pull unpacked."""
     os.makedirs(mnt, exist_ok=True)
     lowers = stored(store_dir, ref).lowerdirs
     with unionfs_mount(mnt, lowers):
-        view = tree(str(mnt))
-    sets = {}
-    for rel, entry in view.items():
-        if rel == "hardlinks" or "sha256" not in entry:
-            continue
-        for lower in lowers:
-            try:
-                s = os.lstat(os.path.join(lower, rel))
-            except FileNotFoundError:
-                continue
-            if s.st_nlink > 1:
-                sets.setdefault((s.st_dev, s.st_ino), []).append(rel)
-            break
-    view["hardlinks"] = sorted(sorted(v) for v in sets.values() if len(v) > 1)
-    return view
+        return describe(str(mnt), inode_of=provider(lowers))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +70,7 @@ def sample(tmp_path_factory):
                               "zstd": ["zstd"] * 3, "mixed": ["gzip", "zstd", "none"]}.items():
         name_in_layout(layout, tag, oci_image(layout, list(zip(layers, compressions, strict=True))))
     rootfs = umoci_unpack(layout, "gzip", str(root / "umoci"))
-    return layout, tree(rootfs)
+    return layout, describe(rootfs)
 
 
 @pytest.fixture
@@ -108,7 +93,7 @@ def test_pull_matches_umoci(sample, registry, tmp_path, tag, extra):
     media_type = ("application/vnd.docker.distribution.manifest.v2+json" if extra
                   else "application/vnd.oci.image.manifest.v1+json")
     assert image.manifest.media_type == media_type      # not schema1, not a 404
-    assert merged_tree(tmp_path / "store", ref, tmp_path / "mnt") == expected
+    assert diff(merged_tree(tmp_path / "store", ref, tmp_path / "mnt"), expected) == []
 
 
 def test_pull_again_fetches_no_blob(sample, registry, tmp_path):
@@ -193,6 +178,8 @@ def test_killed_pull_resumes_with_a_range_request(sample, registry, tmp_path):
         assert 0 < had < 5 << 20
         from unionfs.image.store import Store
         assert Store.open(str(store)).refs() == {}          # nothing named yet
+        for layer in os.listdir(store / "layers"):           # only whole layers in place
+            assert os.path.exists(store / "layers" / layer / "layer.json")
         proxy.throttle = None
         proxy.log.clear()
         pull(store, f"{proxy.host}/sample:1")
@@ -202,7 +189,7 @@ def test_killed_pull_resumes_with_a_range_request(sample, registry, tmp_path):
     assert start == had
     assert ranged[0][3] == os.path.getsize(_blob_of(store, ranged[0][1])) - start
     assert os.listdir(partial) == []
-    assert merged_tree(store, f"{proxy.host}/sample:1", tmp_path / "mnt") == expected
+    assert diff(merged_tree(store, f"{proxy.host}/sample:1", tmp_path / "mnt"), expected) == []
 
 
 def _blob_of(store, path):
@@ -307,3 +294,17 @@ def test_an_empty_layer_and_a_repeated_blob(registry, tmp_path):
     skopeo_push(layout, "e", f"{registry.host}/empty:1")
     pull(tmp_path / "store", f"{registry.host}/empty:1")
     assert len(stored(tmp_path / "store", f"{registry.host}/empty:1").layers) == 3
+
+
+def test_a_pulled_image_runs(sample, registry, tmp_path):
+    layout, _ = sample
+    skopeo_push(layout, "mixed", f"{registry.host}/sample:1")
+    ref = f"{registry.host}/sample:1"
+    pull(tmp_path / "store", ref)
+    lowers = [arg for d in stored(tmp_path / "store", ref).lowerdirs for arg in ("--lower", d)]
+    proc = subprocess.run([UNIONFS, "run", *lowers, "--", "/bin/sh", "-c",
+                           "cat /top.txt; ls /opaque; ls /data"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["top", "0", "new",
+                                   "big", "empty", "file", "h1", "h2", "h3", "setgid", "setuid"]

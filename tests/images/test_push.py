@@ -20,9 +20,9 @@ from registry_fixture import (
     skopeo,
     skopeo_push,
     token_registry,
-    tree,
     umoci_unpack,
 )
+from treecmp import describe, diff
 
 from mountutil import UNIONFS
 
@@ -47,7 +47,7 @@ def sample(tmp_path_factory):
     name_in_layout(layout, "1", oci_image(layout, [(layers[0], "gzip"), (layers[1], "zstd"),
                                                    (layers[2], "none")]))
     name_in_layout(layout, "g", oci_image(layout, [(t, "gzip") for t in layers]))
-    return layout, tree(umoci_unpack(layout, "g", str(root / "umoci")))
+    return layout, describe(umoci_unpack(layout, "g", str(root / "umoci")))
 
 
 @pytest.fixture
@@ -96,7 +96,8 @@ def test_pushed_image_unpacks_like_the_original(sample, registry, tmp_path):
         cli("push", tmp_path / "store", f"{registry.host}/sample:g", f"{other.host}/x:1")
         skopeo("copy", "-q", "--src-tls-verify=false", f"docker://{other.host}/x:1",
                f"oci:{tmp_path}/back:1")
-    assert tree(umoci_unpack(f"{tmp_path}/back", "1", str(tmp_path / "unpacked"))) == expected
+    back = describe(umoci_unpack(f"{tmp_path}/back", "1", str(tmp_path / "unpacked")))
+    assert diff(back, expected) == []
 
 
 def test_push_again_sends_nothing(pulled, registry):
@@ -195,3 +196,22 @@ def test_push_of_an_unknown_image_is_one_line(registry, tmp_path):
     out = cli("push", tmp_path / "store", "nosuch:1", f"{registry.host}/x:1", check=False)
     assert (out.returncode, out.stderr.strip()) == (
         1, "unionfs push: no image 'nosuch:1' in the store")
+
+
+def test_a_refused_single_put_falls_back_to_chunks(pulled, tmp_path):
+    store, ref = pulled
+    refused = []
+    with Registry(tmp_path / "other") as other, Proxy(other.host) as proxy:
+        def too_large(method, path, headers):
+            if method == "PUT" and "/blobs/uploads/" in path and \
+                    int(headers.get("Content-Length") or 0) > 1 << 20:
+                refused.append(path)
+                return 413, {}, b'{"errors":[{"code":"SIZE_INVALID","message":"too large"}]}'
+            return None
+        proxy.rewrite = too_large
+        cli("push", store, ref, f"{proxy.host}/limited:1")
+        patches = [e for e in proxy.log if e[0] == "PATCH"]
+        proxy.rewrite = None
+        skopeo("copy", "-q", "--src-tls-verify=false", f"docker://{proxy.host}/limited:1",
+               f"oci:{tmp_path}/back:1")
+    assert refused and patches         # the big layer went again, in 16 MiB chunks

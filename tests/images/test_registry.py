@@ -64,6 +64,14 @@ def test_registry_errors_become_one_line():
     assert error_line(500, b"<html>oops") == "HTTP 500"
 
 
+def test_docker_hub_is_asked_at_its_api_host():
+    from unionfs.image import reference
+    ref = reference.parse("debian:12")
+    assert (ref.registry, ref.repository) == ("docker.io", "library/debian")
+    assert Client(ref.registry).host == "registry-1.docker.io"
+    assert Client("127.0.0.1:5000").host == "127.0.0.1:5000"
+
+
 def test_server_text_cannot_drive_the_terminal():
     assert printable("evil\x1b[2J\nline") == "evil?[2J?line"
     assert printable("x" * 500, 10) == "x" * 10 + "..."

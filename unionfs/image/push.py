@@ -89,10 +89,11 @@ async def push_blob(client: Client, repo: str, store, desc, sources, progress,
     except RegistryError as e:
         if e.status != 413 or chunk:
             raise
-        # The registry (or a proxy before it) refused the size of one PUT.
+        # The registry (or a proxy before it) refused the size of one PUT: send
+        # the blob again in PATCH chunks, each well below what was refused.
         location, _ = await client.start_upload(repo, desc.digest)
-        await client.upload(repo, desc.digest, desc.size, location, read, FALLBACK_CHUNK,
-                            on_sent)
+        chunk = min(FALLBACK_CHUNK, max(1 << 20, -(-desc.size // 4)))
+        await client.upload(repo, desc.digest, desc.size, location, read, chunk, on_sent)
     return "uploaded"
 
 
