@@ -187,3 +187,23 @@ def test_a_missing_layer_raises_and_leaks_no_fd(stack):
         Union([str(stack.lowers[0]), str(stack.lowers[1] / "missing")], str(stack.upper),
               str(stack.work))
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_whiteout_no_marker_can_hold_fails_before_anything_changes(stack):
+    """OCI form, a 255-byte name (".wh." + it is too long) and no right to make
+    a char 0/0 whiteout: ENAMETOOLONG, and the upper copy is still there."""
+    from unionfs.fs.profile import Profile
+    long_name = b"n" * 255
+    (stack.lowers[1] / os.fsdecode(long_name)).write_text("lower")
+    u = stack.open_union(profile=Profile(whiteout_format=whiteout.FORMAT_OCI))
+    try:
+        node = node_at(u, os.fsdecode(long_name))
+        u.setattr(node.ino, mode=0o600)             # copied up
+        with pytest.raises(OSError, match="File name too long"):
+            u.unlink(ROOT_INO, long_name)
+        with pytest.raises(OSError, match="File name too long"):
+            u.rename(ROOT_INO, long_name, ROOT_INO, b"short")
+        assert os.listdir(stack.upper) == [os.fsdecode(long_name)]
+        assert node_at(u, os.fsdecode(long_name)).ino == node.ino
+    finally:
+        u.close()

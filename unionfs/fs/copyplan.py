@@ -18,6 +18,7 @@ import stat
 from . import copyup
 from .inodes import Node
 from .layers import lstat_at
+from .lookup import read_origin
 from .stack import OPEN_PASS, UPPER, Stack, err
 
 
@@ -91,17 +92,28 @@ def make_job(stack: Stack, node: Node, meta_only: bool = False) -> copyup.CopyJo
     st = lstat_at(meta_dir, node.name) if src_dir is not None else None
     if st is None:
         raise err(errno.ENOENT, node.path())
+    if kind == copyup.DATA:     # the metacopy file's record names the origin
+        origin = read_origin(stack, dst_dir, node.name, node.key)
+    elif node.kind != stat.S_IFDIR and st.st_nlink > 1:
+        # as the kernel: one name of a lower hard link, copied up alone, is a
+        # file of its own, with its own inode number (no origin to show)
+        origin = None
+    else:
+        origin = node.key[:2]
     devs = (stack.layers[src_layer].dev, stack.layers[UPPER].dev)
     clone_only = kind != copyup.META and stat.S_ISREG(st.st_mode) and st.st_size > 0 \
         and stack.reflinks.expected(devs)
     return copyup.CopyJob(os.dup(src_dir), node.name, os.dup(dst_dir), os.dup(stack.work_fd),
-                          st, node.key, stack.durable, kind, devs, clone_only,
+                          st, origin, stack.durable, kind, devs, clone_only,
                           stack.temp_pool, stack.reflinks, stack.profile.xattr_ns)
 
 
 def commit(stack: Stack, node: Node, job: copyup.CopyJob) -> None:
     """After a copy: the node lives in upper; reopen read-only handles there."""
     stack.attr_changed.append(node.ino)
+    stack.nodes.rekey(node, job.result)
+    if job.origin is None:
+        node.st_ino = stack.nodes.st_ino_of(*job.result)
     if job.kind == copyup.META:
         node.data_layer = node.layer
     elif job.kind == copyup.DATA:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..sys import libc
 from . import whiteout
-from .inodes import pack_key
+from .inodes import pack_origin
 from .workdir import TempPool, remove_tree, temp_name
 
 
@@ -64,7 +64,7 @@ class CopyJob:
     dst_dir: int          # fd of the upper parent directory
     work_dir: int         # fd of the workdir (same filesystem as upper)
     st: os.stat_result    # lstat of the metadata source
-    origin: tuple | None  # identity key to record, or None
+    origin: tuple | None  # the origin's (st_dev, st_ino) to record, or None
     durable: bool         # fsync before rename
     kind: str = FULL
     devs: tuple = ()      # (source layer st_dev, upper st_dev)
@@ -72,6 +72,7 @@ class CopyJob:
     pool: TempPool | None = None
     reflinks: Reflinks | None = None
     xattr_ns: str = "trusted"   # of the origin and metacopy xattrs we write
+    result: tuple | None = None  # after run: the copy's own (st_dev, st_ino)
 
     @property
     def meta_dir(self) -> int:
@@ -207,9 +208,12 @@ def _finish_meta(job: CopyJob, tmp: bytes, fd: int | None) -> None:
         if not is_link:
             os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=job.work_dir)
     copy_xattrs(src_path, tmp_path, follow=False)
+    own = os.fstat(fd) if fd is not None else os.stat(tmp, dir_fd=job.work_dir,
+                                                        follow_symlinks=False)
+    job.result = (own.st_dev, own.st_ino)
     if job.origin is not None:
         try:
-            os.setxattr(tmp_path, origin_xattr(job.xattr_ns), pack_key(job.origin),
+            os.setxattr(tmp_path, origin_xattr(job.xattr_ns), pack_origin(job.origin, job.result),
                         follow_symlinks=False)
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP):

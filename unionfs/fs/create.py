@@ -17,9 +17,7 @@ from .inodes import Node
 from .layers import lstat_at
 from .lookup import is_lower_positive, layers_below, name_node, probe, raw_stat
 from .lookup import node_for as node_of
-from .stack import OPEN_PASS, ROOT_CALLER, UPPER, Caller, Stack, err
-
-NAME_MAX = 255
+from .stack import NAME_MAX, OPEN_PASS, ROOT_CALLER, UPPER, Caller, Stack, err
 
 
 def check_name(name: bytes) -> None:
@@ -95,8 +93,8 @@ def new_entry(stack: Stack, parent: Node, name: bytes, kind: int, perm: int, cal
     if kind == stat.S_IFDIR and not opaque:
         found_layers = (UPPER,) + layers_below(stack, parent, name)
     key = (st.st_dev, st.st_ino)
-    node = stack.nodes.add(Node(stack.nodes.ino_for(key), key, parent, name, kind, UPPER,
-                                found_layers))
+    node = stack.nodes.new(key, stack.nodes.st_ino_of(*key), parent, name, kind, UPPER,
+                           found_layers)
     stack.dirs.drop(node)
     return node, fd
 

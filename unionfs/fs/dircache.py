@@ -1,7 +1,9 @@
 """Directory caches: O_PATH fds of directories per layer, and lower listings.
 
-Every name is resolved relative to its parent's fd in a layer, so the fds of
-busy directories are kept (an LRU, bounded). After LISTING_AFTER_PROBES
+Every name is resolved relative to its parent's fd in a layer, and a
+directory's own fd is opened from its parent's, one component at a time, so
+that paths of any depth work (a path from the layer root would stop at
+PATH_MAX). The fds of busy directories are kept (an LRU, bounded). After LISTING_AFTER_PROBES
 lookups in one directory, its lower layers' listings are read once and kept:
 each further name then costs a set lookup instead of an lstat per layer
 (lower layers do not change while mounted). Bounded by the total number of
@@ -10,6 +12,7 @@ names kept. The upper is never listed ahead: it changes under us.
 import os
 from collections import OrderedDict
 
+from ..sys import libc
 from .layers import ABSENT_ERRNOS, layer_names
 
 UPPER = 0
@@ -27,22 +30,36 @@ class DirCache:
 
     def dirfd(self, node, li: int) -> int | None:
         """An O_PATH fd of directory node in layer li, None if absent there."""
-        key = (node, li)
-        fd = self._fds.get(key)
+        fds = self._fds
+        fd = fds.get((node, li))
         if fd is not None:
-            self._fds.move_to_end(key)
+            fds.move_to_end((node, li))
             return fd
-        try:
-            fd = self.layers[li].open_dir(node.path())
-        except OSError as e:
-            if e.errno in ABSENT_ERRNOS:
-                return None
-            raise
-        self._fds[key] = fd
+        # open from the nearest ancestor whose fd is known, down to node
+        chain = [node]
+        parent = node.parent
+        while parent is not None and (parent, li) not in fds:
+            chain.append(parent)
+            parent = parent.parent
+        fd = None if parent is None else fds[(parent, li)]
+        for n in reversed(chain):
+            try:
+                if fd is None:      # n is the root
+                    fd = self.layers[li].open_dir(b"")
+                else:
+                    fd = libc.openat2(fd, n.name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError as e:
+                if e.errno in ABSENT_ERRNOS:
+                    return None
+                raise
+            self._keep(n, li, fd)
+        return fd
+
+    def _keep(self, node, li: int, fd: int) -> None:
+        self._fds[(node, li)] = fd
         if len(self._fds) > DIRFD_CACHE_SIZE:
             _, old = self._fds.popitem(last=False)
             os.close(old)
-        return fd
 
     def drop(self, node) -> None:
         """Forget node's fds and listings in every layer (it moved, or is gone)."""

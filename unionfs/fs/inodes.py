@@ -1,17 +1,22 @@
-"""The node table: union inode numbers <-> nodes, lookup counts and forget.
+"""The node table: FUSE node ids <-> nodes, identity keys, inode numbers, forget.
 
-A node is one object of the merged view. It is named by (parent, name) and
-remembers where it lives: the layer of its top object and, for a directory,
-every layer that merges into it. Its identity key is the (st_dev, st_ino) of
-its origin (the lower object it was copied up from, else its own), so the
-union's inode number is stable across copy-up and remount: the origin's real
-st_ino when every layer shares one filesystem (as the kernel reports), else a
-64-bit xxhash of the key, with collisions among live nodes detected.
+A node is one object of the merged view, named by (parent, name), knowing
+where it lives: the layer of its top object and, for a directory, every layer
+that merges into it. Three numbers belong to it, kept apart on purpose:
 
-A lower file with several hard links gets one node per name (its key adds
-the path): copy-up breaks such links, as the kernel's does without an index,
-and pyfuse3 ties the FUSE node id to st_ino, so names that are about to stop
-sharing data must not share a node.
+- `ino`, its FUSE node id: handed out from a counter and never reused, so a
+  node id never names two objects while the kernel may still hold the old
+  one (filesystems reuse inode numbers at once; a FORGET for the old object
+  may still be on its way).
+- `key`, the identity of the object it stands for, to find its node again
+  on the next lookup: the (st_dev, st_ino) of its top object (plus the path
+  for a lower file with several links: copy-up breaks such links, as the
+  kernel's does without an index, so each name gets its own node). A
+  copy-up re-keys the node to its upper object.
+- `st_ino`, the inode number the union reports: the origin's (the lower
+  object it was copied up from, else its own), as the origin's real st_ino
+  when every layer shares one filesystem (as the kernel reports), else a
+  64-bit xxhash of (st_dev, st_ino). Stable across copy-up and remount.
 """
 import struct
 
@@ -20,26 +25,31 @@ import xxhash
 ROOT_INO = 1
 
 
-def pack_key(key) -> bytes:
-    """Bytes of an identity key: (st_dev, st_ino) or (st_dev, st_ino, path)."""
-    return struct.pack("<QQ", key[0], key[1]) + (key[2] if len(key) > 2 else b"")
+def pack_origin(origin, own) -> bytes:
+    """The origin record of a copied-up object: the origin's (st_dev, st_ino)
+    and the copy's own, which says whom the record was written for."""
+    return struct.pack("<QQQQ", origin[0], origin[1], own[0], own[1])
 
 
-def unpack_key(raw: bytes):
-    if len(raw) < 16:
+def unpack_origin(raw: bytes, own):
+    """The origin's (st_dev, st_ino), if the record was written for `own`:
+    a copy made outside the union (`cp -a` keeps xattrs) is not the object
+    the record names, and keeps its own identity."""
+    if len(raw) != 32:
         return None
-    dev, ino = struct.unpack_from("<QQ", raw)
-    return (dev, ino) if len(raw) == 16 else (dev, ino, raw[16:])
+    dev, ino, own_dev, own_ino = struct.unpack("<QQQQ", raw)
+    return (dev, ino) if (own_dev, own_ino) == own else None
 
 
 class Node:
-    __slots__ = ("ino", "key", "parent", "name", "kind", "layer", "layers", "lookups",
-                 "unlinked", "handles", "orphan_st", "aliases", "data_layer", "probes",
-                 "__weakref__")
+    __slots__ = ("ino", "key", "st_ino", "parent", "name", "kind", "layer", "layers",
+                 "lookups", "unlinked", "handles", "orphan_st", "aliases", "data_layer",
+                 "probes", "__weakref__")
 
-    def __init__(self, ino, key, parent, name, kind, layer, layers):
+    def __init__(self, ino, key, st_ino, parent, name, kind, layer, layers):
         self.ino = ino
         self.key = key
+        self.st_ino = st_ino
         self.parent = parent
         self.name = name
         self.kind = kind            # stat.S_IFMT of the object
@@ -51,7 +61,7 @@ class Node:
         self.orphan_st = None        # last stat of a removed special file
         self.aliases = None          # other (parent, name)s of a hard-linked file
         self.data_layer = None       # metacopy: the lower layer still holding the data
-        self.probes = 0              # names probed in this directory (see core._names)
+        self.probes = 0              # names probed in this directory (see dircache)
 
     def path(self) -> bytes:
         parts = []
@@ -69,30 +79,44 @@ class NodeTable:
     def __init__(self, common_dev: int | None):
         self.common_dev = common_dev
         self.by_ino: dict[int, Node] = {}
+        self.by_key: dict = {}
+        self._next_ino = ROOT_INO + 1
 
-    def ino_for(self, key) -> int:
-        """The union inode number for an identity key, without collisions."""
-        if len(key) == 2 and key[0] == self.common_dev and key[1] > ROOT_INO:
-            candidate = key[1]
-            node = self.by_ino.get(candidate)
-            if node is None or node.key == key:
-                return candidate
-        raw = pack_key(key)
-        seed = 0
-        while True:
-            candidate = xxhash.xxh64_intdigest(raw, seed=seed)
-            if candidate > ROOT_INO:
-                node = self.by_ino.get(candidate)
-                if node is None or node.key == key:
-                    return candidate
-            seed += 1
+    def st_ino_of(self, dev: int, ino: int) -> int:
+        """The inode number the union reports for an object (dev, ino)."""
+        if dev == self.common_dev:
+            return ino
+        return xxhash.xxh64_intdigest(struct.pack("<QQ", dev, ino)) or 1
 
     def get(self, ino: int) -> Node | None:
         return self.by_ino.get(ino)
 
-    def add(self, node: Node) -> Node:
-        self.by_ino[node.ino] = node
+    def find(self, key) -> Node | None:
+        """The live node of the object `key`, if it has one (a removed object's
+        node does not count: its inode number may already name another)."""
+        node = self.by_key.get(key)
+        return None if node is None or node.unlinked else node
+
+    def new(self, key, st_ino, parent, name, kind, layer, layers, ino=None) -> Node:
+        if ino is None:
+            ino = self._next_ino
+            self._next_ino += 1
+        node = Node(ino, key, st_ino, parent, name, kind, layer, layers)
+        self.by_ino[ino] = node
+        self.by_key[key] = node
         return node
+
+    def rekey(self, node: Node, key) -> None:
+        """node now stands for the object `key` (it was copied up)."""
+        if self.by_key.get(node.key) is node:
+            del self.by_key[node.key]
+        node.key = key
+        self.by_key[key] = node
+
+    def _drop(self, node: Node) -> None:
+        del self.by_ino[node.ino]
+        if self.by_key.get(node.key) is node:
+            del self.by_key[node.key]
 
     def forget(self, ino: int, count: int) -> None:
         node = self.by_ino.get(ino)
@@ -100,12 +124,12 @@ class NodeTable:
             return
         node.lookups -= count
         if node.lookups <= 0 and not node.handles:
-            del self.by_ino[ino]
+            self._drop(node)
 
     def release_handle(self, node: Node, handle) -> None:
         node.handles.remove(handle)
         if node.lookups <= 0 and not node.handles and self.by_ino.get(node.ino) is node:
-            del self.by_ino[node.ino]
+            self._drop(node)
 
     def __len__(self):
         return len(self.by_ino)

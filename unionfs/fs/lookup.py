@@ -13,10 +13,10 @@ import os
 import stat
 
 from . import whiteout
-from .inodes import Node, unpack_key
+from .inodes import Node, unpack_origin
 from .layers import list_names, lower_positive, lstat_at
 from .layers import probe as probe_layers
-from .stack import UPPER, Stack, err
+from .stack import NAME_MAX, UPPER, Stack, err
 
 # A metacopy file is a hole; its blocks (512-byte units) hold xattrs at most.
 METACOPY_MAX_BLOCKS = 16
@@ -24,6 +24,8 @@ METACOPY_MAX_BLOCKS = 16
 
 def probe(stack: Stack, parent: Node, name: bytes):
     """Where name resolves in parent (a layers.Found), or None."""
+    if len(name) > NAME_MAX:
+        raise err(errno.ENAMETOOLONG, name)     # not "absent": no layer can hold it
     if whiteout.is_marker_name(name):
         return None
     parent.probes += 1
@@ -32,35 +34,42 @@ def probe(stack: Stack, parent: Node, name: bytes):
                         functools.partial(dirs.names, parent))
 
 
-def identity_key(stack: Stack, parent: Node, name: bytes, found) -> tuple:
-    if found.layer == UPPER:
-        dfd = stack.dirfd(parent, UPPER)
-        try:
-            raw = os.getxattr(whiteout.entry_path(dfd, name), stack.origin_xattr,
-                              follow_symlinks=False)
-            key = unpack_key(raw)
-            if key is not None:
-                return key
-        except OSError as e:
-            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
-                raise
+def read_origin(stack: Stack, dirfd: int, name: bytes, own: tuple):
+    """The verified origin (st_dev, st_ino) of the upper object dirfd/name
+    whose own identity is `own`, or None (fs.inodes.unpack_origin)."""
+    try:
+        raw = os.getxattr(whiteout.entry_path(dirfd, name), stack.origin_xattr,
+                          follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
+    return unpack_origin(raw, own)
+
+
+def identify(stack: Stack, parent: Node, name: bytes, found) -> tuple:
+    """(identity key, inode number to report) of the object found at parent/name."""
     st = found.st
-    if found.layer != UPPER and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+    own = (st.st_dev, st.st_ino)
+    if found.layer == UPPER:
+        origin = read_origin(stack, stack.dirfd(parent, UPPER), name, own)
+        return own, stack.nodes.st_ino_of(*(origin or own))
+    st_ino = stack.nodes.st_ino_of(*own)
+    if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
         path = parent.path()
-        return (st.st_dev, st.st_ino, (path + b"/" if path else b"") + name)
-    return (st.st_dev, st.st_ino)
+        return own + ((path + b"/" if path else b"") + name,), st_ino
+    return own, st_ino
 
 
 def node_for(stack: Stack, parent: Node, name: bytes, found) -> Node:
     """The node of the object found at parent/name (made if new)."""
-    key = identity_key(stack, parent, name, found)
+    key, st_ino = identify(stack, parent, name, found)
     nodes = stack.nodes
-    ino = nodes.ino_for(key)
-    node = nodes.get(ino)
+    node = nodes.find(key)
     kind = stat.S_IFMT(found.st.st_mode)
     if node is None or node.kind != kind:
-        node = nodes.add(Node(ino, key, parent, name, kind, found.layer,
-                              found.layers or (found.layer,)))
+        node = nodes.new(key, st_ino, parent, name, kind, found.layer,
+                         found.layers or (found.layer,))
         if found.layer == UPPER and kind == stat.S_IFREG:
             node.data_layer = metacopy_data_layer(stack, parent, name, found.st)
         return node
@@ -204,7 +213,7 @@ def unname(stack: Stack, node: Node, parent: Node, name: bytes) -> None:
         other_parent, other_name = node.aliases.pop()
         found = probe(stack, other_parent, other_name)
         if found is not None and \
-                identity_key(stack, other_parent, other_name, found) == node.key:
+                identify(stack, other_parent, other_name, found)[0] == node.key:
             node.parent, node.name = other_parent, other_name
             return
     node.unlinked = True

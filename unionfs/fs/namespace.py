@@ -19,14 +19,28 @@ from .create import check_name
 from .inodes import Node
 from .layers import lstat_at
 from .lookup import child, is_lower_positive, merged_names, name_node, unname
-from .stack import UPPER, Stack, err
+from .stack import NAME_MAX, UPPER, Stack, err
+
+
+def whiteout_format(stack: Stack, name: bytes) -> str:
+    """The marker format for a whiteout of name, decided before anything
+    changes. An OCI marker cannot hold a name longer than NAME_MAX - 4
+    bytes: such a name gets the kernel's char 0/0 form (unionfs reads both
+    forms in any upper) where the server may make one, else the operation
+    fails with ENAMETOOLONG and nothing is changed."""
+    if stack.fmt == whiteout.FORMAT_OCI and len(whiteout.WH_PREFIX + name) > NAME_MAX:
+        if stack.profile.mknod_whiteouts:
+            return whiteout.FORMAT_KERNEL
+        raise err(errno.ENAMETOOLONG, name)
+    return stack.fmt
 
 
 def remove_upper_entry(stack: Stack, parent: Node, name: bytes, needs_whiteout: bool,
                        is_dir: bool) -> None:
+    fmt = whiteout_format(stack, name) if needs_whiteout else stack.fmt
     udfd = stack.upper_dirfd(parent)
     present = lstat_at(udfd, name) is not None
-    if present and needs_whiteout and stack.fmt == whiteout.FORMAT_KERNEL:
+    if present and needs_whiteout and fmt == whiteout.FORMAT_KERNEL:
         # move it out and leave a whiteout in one step
         tmp = workdir.temp_name()
         libc.renameat2(udfd, name, stack.work_fd, tmp, libc.RENAME_WHITEOUT)
@@ -40,7 +54,7 @@ def remove_upper_entry(stack: Stack, parent: Node, name: bytes, needs_whiteout: 
         else:
             os.unlink(name, dir_fd=udfd)
     if needs_whiteout:
-        whiteout.make_whiteout(udfd, name, stack.fmt)
+        whiteout.make_whiteout(udfd, name, fmt)
 
 
 def unlink(stack: Stack, parent_ino, name) -> None:
@@ -134,6 +148,8 @@ def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, fla
     require(stack, needs=needs, touches=(src,) if dst is None else (src, dst))
     old_dfd = stack.upper_dirfd(old_parent)
     new_dfd = stack.upper_dirfd(new_parent)
+    src_needs_whiteout = not exchange and is_lower_positive(stack, old_parent, old_name)
+    wh_fmt = whiteout_format(stack, old_name) if src_needs_whiteout else stack.fmt
     # a directory arriving where lower layers hold the name must hide them
     if src_is_dir and is_lower_positive(stack, new_parent, new_name):
         _make_opaque(stack, old_dfd, old_name, src)
@@ -146,7 +162,6 @@ def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, fla
         name_node(src, new_parent, new_name)
         name_node(dst, old_parent, old_name)
         return
-    src_needs_whiteout = is_lower_positive(stack, old_parent, old_name)
     dst_ust = lstat_at(new_dfd, new_name)
     if dst_ust is not None and stat.S_ISDIR(dst_ust.st_mode):
         # the upper target may hold whiteouts of its (empty) merged view
@@ -157,10 +172,10 @@ def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, fla
         # a whiteout under the target name: a directory cannot replace it
         os.unlink(new_name, dir_fd=new_dfd)
     rflags = libc.RENAME_WHITEOUT if (src_needs_whiteout and
-                                      stack.fmt == whiteout.FORMAT_KERNEL) else 0
+                                      wh_fmt == whiteout.FORMAT_KERNEL) else 0
     libc.renameat2(old_dfd, old_name, new_dfd, new_name, rflags)
     if src_needs_whiteout and not rflags:
-        whiteout.make_whiteout(old_dfd, old_name, stack.fmt)
+        whiteout.make_whiteout(old_dfd, old_name, wh_fmt)
     if stack.fmt == whiteout.FORMAT_OCI and not src_is_dir:
         whiteout.remove_oci_whiteout(new_dfd, new_name)
     if dst is not None:

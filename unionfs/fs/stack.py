@@ -14,12 +14,14 @@ import stat
 from dataclasses import dataclass
 
 from ..sys import libc
-from . import copyup, profile, workdir
+from . import copyup, workdir
+from .profile import probe as probe_profile
 from .dircache import DirCache
 from .inodes import ROOT_INO, Node, NodeTable
 from .layers import Layer
 
 UPPER = 0
+NAME_MAX = 255
 # The open flags we pass on. The kernel's request may carry internal bits
 # (exec's __FMODE_EXEC, 0x20) that openat2, unlike open, rejects with EINVAL.
 OPEN_PASS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DSYNC | os.O_SYNC
@@ -43,7 +45,7 @@ ROOT_CALLER = Caller()
 
 class Stack:
     def __init__(self, lowers, upper=None, work=None, *, whiteout_format=None,
-                 durable=True, metacopy=False):
+                 durable=True, metacopy=False, profile=None):
         if not lowers:
             raise ValueError("at least one lower layer is needed")
         self.layers: list[Layer | None] = [None]
@@ -71,8 +73,9 @@ class Stack:
                 same_fs = [(layer.dev, dev) for layer in self.layers if layer.dev == dev]
                 if len(same_fs) > 1:    # a lower layer on the upper's filesystem
                     copyup.probe_reflink(self.work_fd, same_fs, self.reflinks)
-            self.profile = profile.probe(self.work_fd if self.writable else None,
-                                         whiteout_format)
+            # a given profile (tests, a server told what it may do) is not probed
+            self.profile = profile or probe_profile(self.work_fd if self.writable else None,
+                                                    whiteout_format)
         except BaseException:
             self.close()
             raise
@@ -87,11 +90,11 @@ class Stack:
         top = self.layers[UPPER] if self.writable else self.layers[1]
         root_st = os.fstat(top.fd)
         root_layers = tuple(i for i, layer in enumerate(self.layers) if layer is not None)
-        root = Node(ROOT_INO, (root_st.st_dev, root_st.st_ino), None, b"", stat.S_IFDIR,
-                    root_layers[0], root_layers)
-        root.lookups = 1
-        self.root = self.nodes.add(root)
-        self.root_st_ino = self.nodes.ino_for(root.key)
+        key = (root_st.st_dev, root_st.st_ino)
+        self.root = self.nodes.new(key, self.nodes.st_ino_of(*key), None, b"", stat.S_IFDIR,
+                                   root_layers[0], root_layers, ino=ROOT_INO)
+        self.root.lookups = 1
+        self.root_st_ino = self.root.st_ino
 
     @property
     def writable(self) -> bool:

@@ -31,9 +31,9 @@ __all__ = ["Attrs", "Caller", "Deferred", "Union"]
 
 class Union:
     def __init__(self, lowers, upper=None, work=None, *, whiteout_format=None,
-                 durable=True, metacopy=False):
+                 durable=True, metacopy=False, profile=None):
         self.stack = Stack(lowers, upper, work, whiteout_format=whiteout_format,
-                           durable=durable, metacopy=metacopy)
+                           durable=durable, metacopy=metacopy, profile=profile)
 
     # ---- the mount ------------------------------------------------------------
 
@@ -94,7 +94,7 @@ class Union:
 
     def _attrs(self, node, found=None) -> Attrs:
         st, nlink = lookup.union_stat(self.stack, node, found)
-        return Attrs(st, nlink, self.stack.root_st_ino if node.parent is None else node.ino)
+        return Attrs(st, nlink, node.st_ino)
 
     def _entry(self, node):
         node.lookups += 1
@@ -103,7 +103,7 @@ class Union:
     def lookup(self, parent_ino, name):
         """Resolve name in a directory; counts one lookup. Returns (node, Attrs)."""
         node, (st, nlink) = lookup.lookup(self.stack, parent_ino, name)
-        return node, Attrs(st, nlink, node.ino)
+        return node, Attrs(st, nlink, node.st_ino)
 
     def forget(self, ino, count) -> None:
         lookup.forget(self.stack, ino, count)

@@ -20,6 +20,7 @@ import pyfuse3
 
 from ..fs.union import Caller, Deferred, Union
 from .copier import Copier
+from .entries import set_node_id
 
 log = logging.getLogger("unionfs")
 
@@ -67,10 +68,11 @@ def caller(ctx) -> Caller:
     return Caller(ctx.uid, ctx.gid, ctx.umask)
 
 
-def entry_attributes(ino, attrs) -> pyfuse3.EntryAttributes:
+def attributes(attrs) -> pyfuse3.EntryAttributes:
+    """A reply's attributes: what stat will show (st_ino included)."""
     st = attrs.st
     a = pyfuse3.EntryAttributes()
-    a.st_ino = ino
+    a.st_ino = attrs.ino
     a.generation = 0
     a.entry_timeout = ENTRY_TIMEOUT
     a.attr_timeout = ATTR_TIMEOUT
@@ -88,10 +90,15 @@ def entry_attributes(ino, attrs) -> pyfuse3.EntryAttributes:
     return a
 
 
+def entry_attributes(node, attrs) -> pyfuse3.EntryAttributes:
+    """The reply naming an entry: the node's id, and its attributes."""
+    a = attributes(attrs)
+    set_node_id(a, node.ino)
+    return a
+
+
 def entry(node_attrs) -> pyfuse3.EntryAttributes:
-    """The reply to a request that names an entry (its node id and attributes)."""
-    node, attrs = node_attrs
-    return entry_attributes(node.ino, attrs)
+    return entry_attributes(*node_attrs)
 
 
 class Operations(pyfuse3.Operations):
@@ -125,7 +132,7 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def getattr(self, inode, ctx=None):
         node, attrs = self.u.getattr(inode)
-        return entry_attributes(attrs.ino, attrs)
+        return attributes(attrs)
 
     @translate_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -143,7 +150,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_mtime:
             kw["mtime_ns"] = attr.st_mtime_ns
         node, attrs = await self._call(self.u.setattr, inode, fh=fh, **kw)
-        return entry_attributes(attrs.ino, attrs)
+        return attributes(attrs)
 
     @translate_errors
     async def readlink(self, inode, ctx):
@@ -156,8 +163,7 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def readdir(self, fh, start_id, token):
         for next_id, name, node, attrs in self.u.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, entry_attributes(attrs.ino, attrs),
-                                         next_id):
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(node, attrs), next_id):
                 self.u.entry_unsent(node)
                 break
             if next_id > 2:     # the kernel takes no reference for . and ..
@@ -211,7 +217,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         fh, node, attrs = await self._call(self.u.create, parent_inode, name, mode, flags,
                                            caller(ctx))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry_attributes(node.ino, attrs)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry_attributes(node, attrs)
 
     @translate_errors
     async def read(self, fh, off, size):
