@@ -189,8 +189,38 @@ def test_bad_input_gives_one_clear_line(stack, tmp_path, case):
     assert res.returncode == status
     lines = res.stderr.strip().splitlines()
     assert words in lines[0] and "Traceback" not in res.stderr
-    assert len(lines) <= 2      # the message, and for usage errors the usage line
+    assert len(lines) == 1
+    assert "b'" not in lines[0] and "'/" not in lines[0]     # plain paths, not reprs
     assert not os.path.ismount(stack.mnt)
+
+
+def kernel_refuses(opts, mnt):
+    res = run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)])
+    if res.returncode == 0:
+        run(["umount", str(mnt)])
+    return res.returncode != 0
+
+
+OPTION_CASES = {
+    "empty last lower": "lowerdir={l1}:",
+    "empty first lower": "lowerdir=:{l1}",
+    "empty middle lower": "lowerdir={l1}:::{l2}",
+    "empty upper and work": "lowerdir={l1},upperdir=,workdir=",
+    "empty upper": "lowerdir={l1},upperdir=,workdir={wk}",
+    "an empty key": "lowerdir={l1},=",
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPTION_CASES))
+def test_options_the_kernel_refuses_are_refused_in_one_line(stack, case):
+    opts = OPTION_CASES[case].format(l1=stack.lowers[0], l2=stack.lowers[1], wk=stack.work)
+    assert kernel_refuses(opts, stack.mnt)
+    for argv in ([FUSE_UNIONFS, "-o", opts, str(stack.mnt)],
+                 [UNIONFS, "mount", "-o", opts, str(stack.mnt)]):
+        res = run(argv)
+        assert res.returncode == 2, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not os.path.ismount(stack.mnt)
 
 
 def test_already_mounted_mountpoint_is_refused(stack):

@@ -69,3 +69,32 @@ def test_nodev_nosuid_and_a_read_only_stack_are_honoured():
 def test_an_unknown_option_is_a_usage_error():
     with pytest.raises(OptionError, match="unknown option"):
         apply_options(MountConfig(), "lowerdir=/a,bogus=1")
+
+
+@pytest.mark.parametrize("value, layers", [
+    ("/a", ["/a"]),
+    ("/a:/b:/c", ["/a", "/b", "/c"]),
+    ("/a:/b::/data", ["/a", "/b", "/data"]),
+    ("/odd\\:name:/b", ["/odd:name", "/b"]),
+])
+def test_lowerdir_is_split_as_the_kernel_splits_it(value, layers):
+    assert apply_options(MountConfig(), f"lowerdir={value}").lowers == layers
+
+
+@pytest.mark.parametrize("text, words", [
+    ("lowerdir=/a:", "empty layer"),
+    ("lowerdir=:/a", "empty layer"),
+    ("lowerdir=/a:::/b", "empty layer"),
+    ("lowerdir=", "at least one"),
+    ("upperdir=", "upperdir= needs a directory"),
+    ("workdir=", "workdir= needs a directory"),
+    ("=", "unknown option '='"),
+])
+def test_empty_option_values_are_refused(text, words):
+    with pytest.raises(OptionError, match=words):
+        apply_options(MountConfig(), text)
+
+
+def test_messages_show_paths_as_they_are_but_on_one_line():
+    with pytest.raises(OptionError, match="unknown option 'x=/a\\\\nb'"):
+        apply_options(MountConfig(), "x=/a\nb")

@@ -42,7 +42,7 @@ def parse(argv):
         elif arg.startswith("-o"):
             apply_options(cfg, arg[2:])
         elif arg.startswith("-") and arg != "-":
-            raise OptionError(f"unknown argument {arg!r}")
+            raise OptionError(f"unknown argument '{arg}'")
         else:
             positional.append(arg)
     if len(positional) == 2:
@@ -61,7 +61,6 @@ def fuse_main(argv=None) -> None:
     try:
         cfg = parse(argv)
     except OptionError as e:
-        print(f"fuse-unionfs: {e}", file=sys.stderr)
-        print(FUSE_USAGE.splitlines()[0], file=sys.stderr)
+        print(f"fuse-unionfs: {e} (see fuse-unionfs --help)", file=sys.stderr)
         sys.exit(2)
     mount_and_exit(cfg)

@@ -26,7 +26,8 @@ def mount(lowers, upper, work, options, foreground, debug, mountpoint):
         for text in options:
             apply_options(cfg, text)
     except OptionError as e:
-        raise click.UsageError(str(e)) from None
+        print(f"unionfs mount: {e}", file=sys.stderr)   # one line, unlike click's usage
+        sys.exit(2)
     mount_and_exit(cfg)
 
 

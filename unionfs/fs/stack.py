@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from ..sys import libc
 from . import copyup, workdir
-from .profile import probe as probe_profile
 from .dircache import DirCache
 from .inodes import ROOT_INO, Node, NodeTable
 from .layers import Layer
+from .profile import probe as probe_profile
 
 UPPER = 0
 NAME_MAX = 255

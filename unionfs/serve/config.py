@@ -80,6 +80,48 @@ _FIELD_TYPES = {"lowers": list, "upper": str, "work": str, "mountpoint": str, "s
 _OPTIONAL = {"upper", "work", "mountpoint", "whiteout_format"}
 
 
+def shown(text) -> str:
+    """A path or option as a message shows it: as it is, with only the
+    characters that would break the line escaped (messages are one line)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "surrogateescape")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace")
+                   .decode("ascii") for c in text)
+
+
+def split_lowerdir(value: str) -> list:
+    """The layers of `lowerdir=`, top first, as the kernel reads the option:
+    `:` separates layers (`\\:` is a colon in a name), `::` starts the
+    data-only layers (served here as ordinary lowers), and an empty element
+    is an error, as it is for the kernel."""
+    if not value:
+        raise OptionError("lowerdir= needs at least one directory")
+    layers, current, i = [], [], 0
+    groups = [layers]
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value):
+            current.append(value[i + 1])
+            i += 2
+            continue
+        if c == ":":
+            if not current:
+                raise OptionError(f"lowerdir={shown(value)}: an empty layer")
+            layers.append("".join(current))
+            current = []
+            if value[i + 1:i + 2] == ":":       # "::": data-only layers follow
+                layers = []
+                groups.append(layers)
+                i += 1
+        else:
+            current.append(c)
+        i += 1
+    if not current:
+        raise OptionError(f"lowerdir={shown(value)}: an empty layer")
+    layers.append("".join(current))
+    return [path for group in groups for path in group]
+
+
 def split_options(text: str) -> list:
     """Split `a=1,b,c=x:y` into items; empty items (`,,`) are skipped."""
     return [item for item in text.split(",") if item.strip()]
@@ -90,23 +132,23 @@ def apply_options(cfg: MountConfig, text: str) -> MountConfig:
         key, eq, value = item.partition("=")
         key = key.strip()
         if key == "lowerdir":
+            cfg.lowers.extend(split_lowerdir(value))
+        elif key in ("upperdir", "workdir"):
             if not value:
-                raise OptionError("lowerdir= needs at least one directory")
-            # "::" separates data-only layers in the kernel; treat them as lowers
-            cfg.lowers.extend(p for p in value.replace("::", ":").split(":") if p)
-        elif key == "upperdir":
-            cfg.upper = value or None
-        elif key == "workdir":
-            cfg.work = value or None
+                raise OptionError(f"{key}= needs a directory")
+            if key == "upperdir":
+                cfg.upper = value
+            else:
+                cfg.work = value
         elif key == "volatile":
             cfg.volatile = True
         elif key == "metacopy":
             if value not in ("on", "off"):
-                raise OptionError(f"metacopy= must be 'on' or 'off', not {value!r}")
+                raise OptionError(f"metacopy= must be 'on' or 'off', not '{shown(value)}'")
             cfg.metacopy = value == "on"
         elif key == "whiteout":
             if value not in ("kernel", "oci"):
-                raise OptionError(f"whiteout= must be 'kernel' or 'oci', not {value!r}")
+                raise OptionError(f"whiteout= must be 'kernel' or 'oci', not '{shown(value)}'")
             cfg.whiteout_format = value
         elif key == "debug":
             cfg.debug = True
@@ -120,5 +162,5 @@ def apply_options(cfg: MountConfig, text: str) -> MountConfig:
         elif key in FUSE_OVERLAYFS_IGNORED or item.startswith(IGNORED_PREFIXES):
             pass
         else:
-            raise OptionError(f"unknown option {item!r}")
+            raise OptionError(f"unknown option '{shown(item)}'")
     return cfg

@@ -29,6 +29,7 @@ import os
 import sys
 
 from . import child
+from .config import shown
 
 READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 10.0
@@ -321,11 +322,11 @@ def unmount_and_wait(mountpoint, timeout=EXIT_TIMEOUT):
     layers are free). The server need not be ours. ServerError (one line)."""
     mnt = os.path.realpath(mountpoint)
     if not os.path.ismount(mnt):
-        raise ServerError(f"unionfs: {mnt!r} is not mounted")
+        raise ServerError(f"unionfs: {shown(mnt)} is not mounted")
     pid = server_pid(mnt)
     try:
         unmount(mnt)
     except OSError as e:
-        raise ServerError(f"unionfs: cannot unmount {mnt!r}: {e.strerror}") from None
+        raise ServerError(f"unionfs: cannot unmount {shown(mnt)}: {e.strerror}") from None
     if pid is not None and not wait_for_exit(pid, timeout):
-        raise ServerError(f"unionfs: the server of {mnt!r} (pid {pid}) did not exit")
+        raise ServerError(f"unionfs: the server of {shown(mnt)} (pid {pid}) did not exit")

@@ -18,7 +18,7 @@ import trio
 
 from ..fs.union import Union
 from ..fuse.ops import Operations
-from .config import MountConfig
+from .config import MountConfig, shown
 from .validate import MountError
 
 log = logging.getLogger("unionfs")
@@ -31,7 +31,7 @@ def lock_workdir(work: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise MountError(f"workdir {work!r} is in use by another unionfs mount") from None
+        raise MountError(f"workdir {shown(work)} is in use by another unionfs mount") from None
     return fd
 
 
@@ -59,7 +59,7 @@ def open_union(cfg: MountConfig) -> Union:
         return Union(cfg.lowers, cfg.upper, cfg.work, whiteout_format=cfg.whiteout_format,
                      durable=not cfg.volatile, metacopy=cfg.metacopy)
     except OSError as e:
-        raise MountError(f"cannot open layers: {e.strerror} ({e.filename!r})") from None
+        raise MountError(f"cannot open layers: {e.strerror} ({shown(e.filename)})") from None
 
 
 def serve(cfg: MountConfig, ready) -> int:
@@ -82,7 +82,7 @@ def serve(cfg: MountConfig, ready) -> int:
         union.close()
         if lock_fd is not None:
             os.close(lock_fd)
-        message = f"cannot mount on {cfg.mountpoint!r}: {e}"
+        message = f"cannot mount on {shown(cfg.mountpoint)}: {e}"
         ready(message)
         raise MountError(message) from None
     ready(None)

@@ -10,7 +10,7 @@ import os
 import stat
 
 from ..sys import mountinfo
-from .config import MountConfig
+from .config import MountConfig, shown
 
 
 class MountError(Exception):
@@ -21,11 +21,11 @@ def _real_dir(path: str, what: str) -> str:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise MountError(f"{what} {path!r} does not exist") from None
+        raise MountError(f"{what} {shown(path)} does not exist") from None
     except OSError as e:
-        raise MountError(f"{what} {path!r}: {e.strerror}") from None
+        raise MountError(f"{what} {shown(path)}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise MountError(f"{what} {path!r} is not a directory")
+        raise MountError(f"{what} {shown(path)} is not a directory")
     return os.path.realpath(path)
 
 
@@ -57,19 +57,20 @@ def validate(cfg: MountConfig) -> MountConfig:
     work = _real_dir(cfg.work, "workdir") if cfg.work else None
     mnt = _real_dir(cfg.mountpoint, "mountpoint")
     if os.path.ismount(mnt) and mnt not in lowers:
-        raise MountError(f"mountpoint {mnt!r} is already a mount point")
+        raise MountError(f"mountpoint {shown(mnt)} is already a mount point")
     if upper:
         for low in lowers:
             if _inside(upper, low) or _inside(low, upper):
-                raise MountError(f"upper layer {upper!r} and lower layer {low!r} overlap")
+                raise MountError(f"upper layer {shown(upper)} and lower layer {shown(low)} "
+                                 "overlap")
         if _inside(work, upper) or _inside(upper, work):
-            raise MountError(f"workdir {work!r} and upper layer {upper!r} overlap")
+            raise MountError(f"workdir {shown(work)} and upper layer {shown(upper)} overlap")
         if os.stat(work).st_dev != os.stat(upper).st_dev:
-            raise MountError(f"workdir {work!r} is not on the upper layer's filesystem")
+            raise MountError(f"workdir {shown(work)} is not on the upper layer's filesystem")
         if work in overlay_workdirs():
-            raise MountError(f"workdir {work!r} is in use by another overlay mount")
+            raise MountError(f"workdir {shown(work)} is in use by another overlay mount")
     for layer in lowers + ([upper, work] if upper else []):
         if mnt != layer and _inside(mnt, layer):
-            raise MountError(f"mountpoint {mnt!r} is inside layer {layer!r}")
+            raise MountError(f"mountpoint {shown(mnt)} is inside layer {shown(layer)}")
     cfg.lowers, cfg.upper, cfg.work, cfg.mountpoint = lowers, upper, work, mnt
     return cfg
