@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+from unionfs.sys import mountinfo
+
 # (target name, extra `-o` options for `unionfs mount`)
 UNIONFS_MODES = [
     ("unionfs", []),
@@ -41,12 +43,7 @@ def _run(argv, timeout=MOUNT_TIMEOUT):
 
 
 def is_mounted(mnt):
-    mnt = os.path.realpath(mnt)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            if line.split()[4].replace("\\040", " ") == mnt:
-                return True
-    return False
+    return mountinfo.is_mountpoint(os.path.realpath(mnt))
 
 
 def _find_server(mnt, program):

@@ -9,10 +9,13 @@ request into ENOTCONN instead of a hung test.
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
+
+from unionfs.sys import mountinfo
 
 # unionfs-oci: unionfs told to write OCI-form markers (`-o whiteout=oci`), as it
 # does when it cannot write the kernel form (not root)
@@ -25,9 +28,7 @@ class MountError(RuntimeError):
 
 
 def is_mounted(mnt):
-    mnt = os.path.realpath(mnt)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == mnt for line in f)
+    return mountinfo.is_mountpoint(os.path.realpath(mnt))
 
 
 def _fuse_abort(conn_minor):
@@ -176,6 +177,8 @@ def fuse_union(target, lowers, upper, work, mnt, deadline=120.0, server_log=None
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGUSR1)    # the server's stacks, into its log
+                time.sleep(1)
                 proc.kill()
                 proc.wait()
             if server_log is not None:

@@ -13,11 +13,13 @@ import os
 import stat
 from dataclasses import dataclass
 
+from ..sys.capabilities import (
+    CAP_CHOWN,
+    CAP_SYS_ADMIN,
+    effective_capabilities,
+    in_init_user_namespace,
+)
 from .whiteout import FORMAT_KERNEL, FORMAT_OCI
-
-CAP_CHOWN = 0
-CAP_MKNOD = 27
-CAP_SYS_ADMIN = 21
 
 
 @dataclass(frozen=True)
@@ -41,24 +43,6 @@ class Profile:
 
 ROOT_PROFILE = Profile(True, True, True, True, FORMAT_KERNEL)
 UNPRIVILEGED_PROFILE = Profile()
-
-
-def effective_capabilities() -> frozenset:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                mask = int(line.split()[1], 16)
-                return frozenset(i for i in range(64) if mask >> i & 1)
-    return frozenset()
-
-
-def in_init_user_namespace() -> bool:
-    """The initial user namespace maps every id to itself."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return False
 
 
 def _try(fn) -> bool:

@@ -22,10 +22,10 @@ class StoreError(Exception):
 
 
 def may_chown_and_mknod() -> tuple[bool, bool]:
-    from ..fs import profile
-    caps = profile.effective_capabilities()
-    return profile.CAP_CHOWN in caps, profile.CAP_MKNOD in caps and \
-        profile.in_init_user_namespace()
+    from ..sys import capabilities
+    caps = capabilities.effective_capabilities()
+    return capabilities.CAP_CHOWN in caps, capabilities.CAP_MKNOD in caps and \
+        capabilities.in_init_user_namespace()
 
 
 class Lock:

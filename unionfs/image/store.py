@@ -123,8 +123,8 @@ def default_path() -> str:
     env = os.environ.get(STORE_ENV)
     if env:
         return env
-    from ..fs.profile import CAP_SYS_ADMIN, effective_capabilities, in_init_user_namespace
-    if in_init_user_namespace() and CAP_SYS_ADMIN in effective_capabilities():
+    from ..sys.capabilities import is_privileged
+    if is_privileged():
         return "/var/lib/unionfs"
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
                                                            ".local", "share")

@@ -8,6 +8,7 @@ SIGINT/SIGTERM/SIGHUP arrives. After an unmount it returns at once, having
 released every layer fd first, so that whoever unmounted can unmount the
 layers next.
 """
+import faulthandler
 import fcntl
 import logging
 import os
@@ -64,6 +65,8 @@ def open_union(cfg: MountConfig) -> Union:
 
 def serve(cfg: MountConfig, ready) -> int:
     """Mount the validated `cfg` and serve it; see the module's docstring."""
+    # `kill -USR1 PID` writes every thread's stack to the server's stderr (its log)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         lock_fd = lock_workdir(cfg.work) if cfg.work else None
         try:
