@@ -5,7 +5,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/scripts/setup.sh"
-UNIONFS="$here/.venv/bin/unionfs"
+VENV="${UNIONFS_PREFIX:-/opt/unionfs}/venv"
+UNIONFS="$VENV/bin/unionfs"
 
 demo=$(mktemp -d /tmp/unionfs-demo.XXXXXX)
 cleanup() {
@@ -13,7 +14,7 @@ cleanup() {
   rm -rf "$demo"
 }
 trap cleanup EXIT
-"$here/.venv/bin/python" "$here/scripts/sample_stack.py" "$demo"
+"$VENV/bin/python" "$here/scripts/sample_stack.py" "$demo"
 
 show() { echo; echo "\$ $*"; "$@"; }
 echo "== sample stack in $demo: lower1 (top), lower2 (bottom) =="

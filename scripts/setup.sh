@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
-# Idempotent set-up: system packages, a venv with unionfs installed editable,
-# and the console scripts linked into /usr/local/bin (mount(8) runs helpers
-# through /bin/sh with a default PATH, so they must not need the venv active).
+# Idempotent set-up, as root: system packages, then unionfs installed for
+# every user on this machine.
+#
+# The install is a venv under $UNIONFS_PREFIX (default /opt/unionfs) built on
+# the system's interpreter (/usr/bin/python3.11, readable by all), holding a
+# copy of this checkout (not an editable link: the checkout may sit under a
+# 0700 home, and a plain user, or podman's mount program in a user namespace,
+# must be able to run it). It is reinstalled whenever the sources change.
+# `unionfs` and `fuse-unionfs` are linked into /usr/local/bin (mount(8) runs
+# helpers through /bin/sh with a default PATH, so they must not need the venv
+# active), and /dev/fuse is made usable by plain users, as udev does on an
+# ordinary Debian machine.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
+PREFIX=${UNIONFS_PREFIX:-/opt/unionfs}
+VENV="$PREFIX/venv"
 
 APT_PACKAGES=(
-  fuse3 libfuse3-dev pkg-config attr git xz-utils
+  fuse3 libfuse3-dev pkg-config attr acl git xz-utils
+  python3.11 python3.11-venv python3.11-dev gcc
   fuse-overlayfs unionfs-fuse busybox-static xfsprogs
-  python3-venv
-  bubblewrap runc podman
+  bubblewrap runc podman uidmap
+  umoci skopeo docker-registry debootstrap
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -22,35 +34,40 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# Debian's docker-registry starts a system service we do not want running.
+if [ -x /etc/init.d/docker-registry ]; then
+  /etc/init.d/docker-registry stop >/dev/null 2>&1 || true
+fi
 
-# Prefer a real interpreter over a pyenv shim (the shim adds ~100 ms a start).
-PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-  for cand in /root/.pyenv/versions/3.11.*/bin/python3.11 /usr/bin/python3.11 /usr/bin/python3; do
-    [ -x "$cand" ] && { PY=$cand; break; }
-  done
+PY=${PYTHON:-/usr/bin/python3.11}
+if [ ! -x "$VENV/bin/pip" ] || [ ! -e "$VENV/.base" ]; then
+  mkdir -p "$PREFIX"
+  "$PY" -m venv --clear "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+  touch "$VENV/.base"
 fi
-VENV="$here/.venv"
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
+# Dependencies: once per change of the metadata.
+deps_stamp="$VENV/.deps-$( (cat setup.cfg pyproject.toml) | sha1sum | cut -c1-12)"
+if [ ! -e "$deps_stamp" ]; then
+  "$VENV/bin/pip" install -q ".[test,bench]"
+  rm -f "$VENV"/.deps-* "$VENV"/.src-*
+  touch "$deps_stamp"
 fi
-# compat: a plain path entry in a .pth file; the default editable mode's
-# import hook costs every start of `unionfs` ~10 ms (it imports importlib.metadata)
-EDITABLE=(-e ".[test,bench]" --config-settings editable_mode=compat)
-stamp="$VENV/.installed-$( (cat setup.cfg pyproject.toml; echo "${EDITABLE[*]}") | sha1sum | cut -c1-12)"
-if [ ! -e "$stamp" ]; then
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q "${EDITABLE[@]}"
-  rm -f "$VENV"/.installed-*
-  touch "$stamp"
+# The package itself: once per change of the sources (pip compiles its bytecode).
+src_stamp="$VENV/.src-$(find unionfs runner bench -name '*.py' -print0 | sort -z \
+  | xargs -0 sha1sum | sha1sum | cut -c1-12)"
+if [ ! -e "$src_stamp" ]; then
+  "$VENV/bin/pip" install -q --no-deps --no-build-isolation --force-reinstall .
+  rm -rf build ./*.egg-info
+  rm -f "$VENV"/.src-*
+  touch "$src_stamp"
 fi
-# Bytecode for our own modules (an editable install gets none, and with
-# PYTHONDONTWRITEBYTECODE set, as here, every start would compile them again:
-# ~27 ms for a server); only stale files are rewritten.
-"$VENV/bin/python" -m compileall -q "$here/unionfs" "$here/runner" "$here/bench" >/dev/null
+chmod -R a+rX "$PREFIX"
 for prog in unionfs fuse-unionfs; do
   ln -sfn "$VENV/bin/$prog" "/usr/local/bin/$prog"
 done
 # umount(8) runs this for fuse.unionfs mounts: it waits for the server to exit
-ln -sfn "$here/scripts/umount.fuse.unionfs" /sbin/umount.fuse.unionfs
+install -m 0755 "$here/scripts/umount.fuse.unionfs" /sbin/umount.fuse.unionfs
+# plain users' FUSE mounts (fusermount3 is setuid; the device must be open to them)
+[ -c /dev/fuse ] && chmod 0666 /dev/fuse
 echo "setup: ready ($VENV)" >&2

@@ -5,4 +5,4 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/scripts/setup.sh"
 cd "$here"
-exec "$here/.venv/bin/python" -m pytest "$@"
+exec "${UNIONFS_PREFIX:-/opt/unionfs}/venv/bin/python" -m pytest "$@"
