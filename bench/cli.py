@@ -9,12 +9,13 @@ import time
 import click
 
 from . import report
+from . import scale as scalemod
 from . import stack as stackmod
 from . import suite as suitemod
 from .targets import all_targets
 from .workloads import GROUPS, build_workloads
 
-CONFIGS = ("ext4", "xfs-reflink")
+CONFIGS = ("ext4", "xfs-reflink", "scale")
 # On the XFS image only copy-up is measured: that is where reflink changes the cost.
 XFS_GROUPS = ("copyup", "metadata-copyup")
 
@@ -79,14 +80,15 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
     except OSError as e:
         raise click.ClickException(f"cannot build the stack: {e}") from None
     all_workloads = build_workloads(base.meta)
-    known_workloads = {w.name for w in all_workloads} | set(GROUPS)
+    scale_workloads = scalemod.build_workloads()
+    known_workloads = {w.name for w in all_workloads + scale_workloads} | set(GROUPS) | {"scale"}
     for name in wanted_workloads:
         if name not in known_workloads:
             raise click.UsageError(f"unknown workload {name!r}; known: "
                                    f"{', '.join(sorted(known_workloads))}")
 
-    def select(groups=None):
-        chosen = [w for w in all_workloads
+    def select(groups=None, workloads=all_workloads):
+        chosen = [w for w in workloads
                   if not wanted_workloads or w.name in wanted_workloads
                   or w.group in wanted_workloads]
         return [w for w in chosen if groups is None or w.group in groups]
@@ -97,6 +99,13 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
             if name == "ext4":
                 config_objs.append(suitemod.Config(
                     "ext4", base, suitemod.fstype_of(base.root), select()))
+            elif name == "scale":
+                chosen = select(workloads=scale_workloads)
+                if not chosen:
+                    continue
+                scale_stack = scalemod.build(scalemod.QUICK if quick else scalemod.FULL, log)
+                config_objs.append(suitemod.Config(
+                    "scale", scale_stack, suitemod.fstype_of(scale_stack.root), chosen))
             else:
                 chosen = select(XFS_GROUPS)
                 if quick:  # the smoke run keeps to the data copy-ups there

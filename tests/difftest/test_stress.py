@@ -74,10 +74,19 @@ def test_concurrent_workers_match_the_kernel(make_stack, fmt):
     assert ops == (WORKERS + RACERS) * ROUNDS
 
 
+def pytest_generate_tests(metafunc):
+    if "slow_stress_seed" in metafunc.fixturenames:
+        # without `-m slow`, one seed of the short length: a smoke run of the long tier
+        selected = "slow" in (metafunc.config.getoption("markexpr") or "")
+        metafunc.parametrize("slow_stress_seed", range(100, 100 + (SLOW_SEEDS if selected else 1)))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(7200)
-@pytest.mark.parametrize("seed", range(100, 100 + SLOW_SEEDS))
-def test_concurrent_workers_match_the_kernel_at_length(make_stack, seed, capsys):
-    ops = stress_both(make_stack, seed, SLOW_ROUNDS, "kernel")
+def test_concurrent_workers_match_the_kernel_at_length(make_stack, slow_stress_seed, capsys,
+                                                       request):
+    selected = "slow" in (request.config.getoption("markexpr") or "")
+    seed = slow_stress_seed
+    ops = stress_both(make_stack, seed, SLOW_ROUNDS if selected else ROUNDS, "kernel")
     with capsys.disabled():
         print(f"\nstress seed {seed}: {ops} operations")

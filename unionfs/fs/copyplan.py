@@ -16,7 +16,7 @@ import os
 import stat
 
 from . import copyup
-from .inodes import Node
+from .inodes import Node, layer_tuple
 from .layers import lstat_at
 from .lookup import read_origin
 from .stack import OPEN_PASS, UPPER, Stack, err
@@ -93,13 +93,13 @@ def make_job(stack: Stack, node: Node, meta_only: bool = False) -> copyup.CopyJo
     if st is None:
         raise err(errno.ENOENT, node.path())
     if kind == copyup.DATA:     # the metacopy file's record names the origin
-        origin = read_origin(stack, dst_dir, node.name, node.key)
+        origin = read_origin(stack, dst_dir, node.name, stack.nodes.dev_ino(node.key))
     elif node.kind != stat.S_IFDIR and st.st_nlink > 1:
         # as the kernel: one name of a lower hard link, copied up alone, is a
         # file of its own, with its own inode number (no origin to show)
         origin = None
     else:
-        origin = node.key[:2]
+        origin = stack.nodes.dev_ino(node.key)
     devs = (stack.layers[src_layer].dev, stack.layers[UPPER].dev)
     clone_only = kind != copyup.META and stat.S_ISREG(st.st_mode) and st.st_size > 0 \
         and stack.reflinks.expected(devs)
@@ -111,7 +111,7 @@ def make_job(stack: Stack, node: Node, meta_only: bool = False) -> copyup.CopyJo
 def commit(stack: Stack, node: Node, job: copyup.CopyJob) -> None:
     """After a copy: the node lives in upper; reopen read-only handles there."""
     stack.attr_changed.append(node.ino)
-    stack.nodes.rekey(node, job.result)
+    stack.nodes.rekey(node, stack.nodes.key(*job.result))
     if job.origin is None:
         node.st_ino = stack.nodes.st_ino_of(*job.result)
     if job.kind == copyup.META:
@@ -119,9 +119,9 @@ def commit(stack: Stack, node: Node, job: copyup.CopyJob) -> None:
     elif job.kind == copyup.DATA:
         node.data_layer = None
     if node.kind == stat.S_IFDIR:
-        node.layers = (UPPER,) + node.layers
+        node.layers = layer_tuple((UPPER,) + node.layers)
     else:
-        node.layers = (UPPER,)
+        node.layers = layer_tuple((UPPER,))
     node.layer = UPPER
     if node.data_layer is not None:
         return      # the data has not moved: readers stay where they are

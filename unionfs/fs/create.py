@@ -92,9 +92,9 @@ def new_entry(stack: Stack, parent: Node, name: bytes, kind: int, perm: int, cal
     found_layers = (UPPER,)
     if kind == stat.S_IFDIR and not opaque:
         found_layers = (UPPER,) + layers_below(stack, parent, name)
-    key = (st.st_dev, st.st_ino)
-    node = stack.nodes.new(key, stack.nodes.st_ino_of(*key), parent, name, kind, UPPER,
-                           found_layers)
+    node = stack.nodes.new(stack.nodes.key(st.st_dev, st.st_ino),
+                           stack.nodes.st_ino_of(st.st_dev, st.st_ino), parent, name, kind,
+                           UPPER, found_layers)
     stack.dirs.drop(node)
     return node, fd
 

@@ -44,7 +44,10 @@ def add_handle(stack: Stack, h) -> int:
     stack.next_fh += 1
     stack.handles[fh] = h
     if isinstance(h, Handle):
-        h.node.handles.append(h)
+        if h.node.handles:
+            h.node.handles.append(h)
+        else:
+            h.node.handles = [h]
     return fh
 
 

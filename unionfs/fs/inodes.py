@@ -11,13 +11,16 @@ that merges into it. Three numbers belong to it, kept apart on purpose:
 - `key`, the identity of the object it stands for, to find its node again
   on the next lookup: the (st_dev, st_ino) of its top object (plus the path
   for a lower file with several links: copy-up breaks such links, as the
-  kernel's does without an index, so each name gets its own node). A
+  kernel's does without an index, so each name gets its own node). On the
+  filesystem all layers share, the key is the inode number alone (one int
+  instead of a tuple: a node table can hold hundreds of thousands). A
   copy-up re-keys the node to its upper object.
 - `st_ino`, the inode number the union reports: the origin's (the lower
   object it was copied up from, else its own), as the origin's real st_ino
   when every layer shares one filesystem (as the kernel reports), else a
   64-bit xxhash of (st_dev, st_ino). Stable across copy-up and remount.
 """
+import stat
 import struct
 
 import xxhash
@@ -41,10 +44,20 @@ def unpack_origin(raw: bytes, own):
     return (dev, ino) if (own_dev, own_ino) == own else None
 
 
+_LAYER_TUPLES: dict = {}
+_KINDS = {k: k for k in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                         stat.S_IFIFO, stat.S_IFSOCK)}
+
+
+def layer_tuple(layers: tuple) -> tuple:
+    """One shared tuple per combination of layers (nodes hold many copies)."""
+    return _LAYER_TUPLES.setdefault(layers, layers)
+
+
 class Node:
     __slots__ = ("ino", "key", "st_ino", "parent", "name", "kind", "layer", "layers",
                  "lookups", "unlinked", "handles", "orphan_st", "aliases", "data_layer",
-                 "probes", "__weakref__")
+                 "probes")
 
     def __init__(self, ino, key, st_ino, parent, name, kind, layer, layers):
         self.ino = ino
@@ -52,12 +65,12 @@ class Node:
         self.st_ino = st_ino
         self.parent = parent
         self.name = name
-        self.kind = kind            # stat.S_IFMT of the object
+        self.kind = _KINDS.get(kind, kind)  # stat.S_IFMT of the object (one shared int)
         self.layer = layer          # layer index of the top object (0 = upper)
-        self.layers = layers        # directories: merged layers, top first
+        self.layers = layer_tuple(layers)   # directories: merged layers, top first
         self.lookups = 0
         self.unlinked = False
-        self.handles = []           # its open file handles (they keep it alive)
+        self.handles = ()           # its open file handles (they keep it alive), a list once any
         self.orphan_st = None        # last stat of a removed special file
         self.aliases = None          # other (parent, name)s of a hard-linked file
         self.data_layer = None       # metacopy: the lower layer still holding the data
@@ -81,6 +94,16 @@ class NodeTable:
         self.by_ino: dict[int, Node] = {}
         self.by_key: dict = {}
         self._next_ino = ROOT_INO + 1
+
+    def key(self, dev: int, ino: int, path: bytes | None = None):
+        """The identity key of object (dev, ino) (with the path of a lower hard link)."""
+        if path is not None:
+            return (dev, ino, path)
+        return ino if dev == self.common_dev else (dev, ino)
+
+    def dev_ino(self, key) -> tuple:
+        """The (st_dev, st_ino) a key stands for."""
+        return (self.common_dev, key) if isinstance(key, int) else key[:2]
 
     def st_ino_of(self, dev: int, ino: int) -> int:
         """The inode number the union reports for an object (dev, ino)."""
@@ -128,6 +151,8 @@ class NodeTable:
 
     def release_handle(self, node: Node, handle) -> None:
         node.handles.remove(handle)
+        if not node.handles:
+            node.handles = ()
         if node.lookups <= 0 and not node.handles and self.by_ino.get(node.ino) is node:
             self._drop(node)
 

@@ -13,7 +13,7 @@ import os
 import stat
 
 from . import whiteout
-from .inodes import Node, unpack_origin
+from .inodes import Node, layer_tuple, unpack_origin
 from .layers import list_names, lower_positive, lstat_at
 from .layers import probe as probe_layers
 from .stack import NAME_MAX, UPPER, Stack, err
@@ -50,15 +50,16 @@ def read_origin(stack: Stack, dirfd: int, name: bytes, own: tuple):
 def identify(stack: Stack, parent: Node, name: bytes, found) -> tuple:
     """(identity key, inode number to report) of the object found at parent/name."""
     st = found.st
-    own = (st.st_dev, st.st_ino)
+    nodes = stack.nodes
     if found.layer == UPPER:
+        own = (st.st_dev, st.st_ino)
         origin = read_origin(stack, stack.dirfd(parent, UPPER), name, own)
-        return own, stack.nodes.st_ino_of(*(origin or own))
-    st_ino = stack.nodes.st_ino_of(*own)
+        return nodes.key(*own), nodes.st_ino_of(*(origin or own))
+    st_ino = nodes.st_ino_of(st.st_dev, st.st_ino)
     if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
         path = parent.path()
-        return own + ((path + b"/" if path else b"") + name,), st_ino
-    return own, st_ino
+        return nodes.key(st.st_dev, st.st_ino, (path + b"/" if path else b"") + name), st_ino
+    return nodes.key(st.st_dev, st.st_ino), st_ino
 
 
 def node_for(stack: Stack, parent: Node, name: bytes, found) -> Node:
@@ -78,9 +79,10 @@ def node_for(stack: Stack, parent: Node, name: bytes, found) -> Node:
         new_layers = found.layers or (found.layer,)
         if new_layers != node.layers:
             stack.dirs.drop(node)
-        node.layer, node.layers = found.layer, new_layers
+            node.layers = layer_tuple(new_layers)
+        node.layer = found.layer
     elif found.layer < node.layer:
-        node.layer, node.layers = found.layer, (found.layer,)
+        node.layer, node.layers = found.layer, layer_tuple((found.layer,))
     return node
 
 

@@ -16,7 +16,7 @@ from ..sys import libc
 from . import whiteout, workdir
 from .copyplan import require
 from .create import check_name
-from .inodes import Node
+from .inodes import Node, layer_tuple
 from .layers import lstat_at
 from .lookup import child, is_lower_positive, merged_names, name_node, unname
 from .stack import NAME_MAX, UPPER, Stack, err
@@ -107,7 +107,7 @@ def _make_opaque(stack: Stack, dirfd: int, name: bytes, node: Node) -> None:
         whiteout.make_opaque(fd, stack.fmt)
     finally:
         os.close(fd)
-    node.layers = (UPPER,)
+    node.layers = layer_tuple((UPPER,))
 
 
 def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, flags=0) -> None:

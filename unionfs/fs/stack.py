@@ -90,8 +90,9 @@ class Stack:
         top = self.layers[UPPER] if self.writable else self.layers[1]
         root_st = os.fstat(top.fd)
         root_layers = tuple(i for i, layer in enumerate(self.layers) if layer is not None)
-        key = (root_st.st_dev, root_st.st_ino)
-        self.root = self.nodes.new(key, self.nodes.st_ino_of(*key), None, b"", stat.S_IFDIR,
+        self.root = self.nodes.new(self.nodes.key(root_st.st_dev, root_st.st_ino),
+                                   self.nodes.st_ino_of(root_st.st_dev, root_st.st_ino),
+                                   None, b"", stat.S_IFDIR,
                                    root_layers[0], root_layers, ino=ROOT_INO)
         self.root.lookups = 1
         self.root_st_ino = self.root.st_ino
