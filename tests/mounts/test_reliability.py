@@ -195,3 +195,28 @@ def test_paths_deeper_than_path_max_work_as_on_the_kernel(make_stack):
             results[kind] = deep_ops(stack.mnt)
     assert results["unionfs"] == results["kernel"]
     assert results["kernel"] == (["file"], b"deep", ["file", "new"])
+
+
+# ---- xattr whiteouts, looked for only where marked --------------------------------------
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_xattr_whiteouts_count_only_in_a_marked_directory_as_on_the_kernel(make_stack, marked):
+    """A zero-size file with overlay.whiteout is a whiteout only in a directory
+    whose overlay.opaque is "x" (the kernel's mark: it spares a getxattr on
+    every empty file of every other directory)."""
+    views = {}
+    for kind in ("kernel", "unionfs"):
+        stack = make_stack(tag=kind)
+        for low in stack.lowers:
+            (low / "d").mkdir()
+        (stack.lowers[1] / "d" / "gone").write_text("below")
+        (stack.lowers[0] / "d" / "gone").write_bytes(b"")
+        os.setxattr(stack.lowers[0] / "d" / "gone", "trusted.overlay.whiteout", b"")
+        (stack.lowers[0] / "d" / "empty").write_bytes(b"")
+        if marked:
+            os.setxattr(stack.lowers[0] / "d", "trusted.overlay.opaque", b"x")
+        with getattr(stack, kind)():
+            views[kind] = sorted(os.listdir(stack.mnt / "d")), errname(os.lstat,
+                                                                         stack.mnt / "d" / "gone")
+    assert views["unionfs"] == views["kernel"]
+    assert views["kernel"][0] == (["empty"] if marked else ["empty", "gone"])

@@ -13,6 +13,7 @@ import os
 from collections import OrderedDict
 
 from ..sys import libc
+from . import whiteout
 from .layers import ABSENT_ERRNOS, layer_names
 
 UPPER = 0
@@ -26,6 +27,7 @@ class DirCache:
         self.layers = layers
         self._fds: OrderedDict = OrderedDict()        # (node, layer) -> fd
         self._listings: OrderedDict = OrderedDict()   # (node, layer) -> frozenset
+        self._marked: dict = {}       # (node, layer) -> holds xattr whiteouts
         self.listed_names = 0
 
     def dirfd(self, node, li: int) -> int | None:
@@ -61,9 +63,22 @@ class DirCache:
             _, old = self._fds.popitem(last=False)
             os.close(old)
 
+    def marked(self, node, li: int) -> bool:
+        """Does node's directory in layer li hold xattr whiteouts (kernel's mark)?"""
+        key = (node, li)
+        mark = self._marked.get(key)
+        if mark is None:
+            fd = self.dirfd(node, li)
+            mark = fd is not None and whiteout.has_xattr_whiteouts(fd)
+            if len(self._marked) > DIRFD_CACHE_SIZE:
+                self._marked.clear()
+            self._marked[key] = mark
+        return mark
+
     def drop(self, node) -> None:
         """Forget node's fds and listings in every layer (it moved, or is gone)."""
         for li in range(len(self.layers)):
+            self._marked.pop((node, li), None)
             fd = self._fds.pop((node, li), None)
             if fd is not None:
                 os.close(fd)
@@ -109,4 +124,5 @@ class DirCache:
             os.close(fd)
         self._fds.clear()
         self._listings.clear()
+        self._marked.clear()
         self.listed_names = 0

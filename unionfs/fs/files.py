@@ -120,12 +120,18 @@ def opendir(stack: Stack, ino) -> int:
 
 
 def readdir(stack: Stack, fh, start: int):
-    """Yield (next_offset, name, node) from a snapshot taken at offset 0."""
+    """Yield (next_offset, name, node, found) from a snapshot taken at offset 0.
+
+    node is None for an entry that is listed without attributes: an empty
+    file in a directory not marked for xattr whiteouts, which readdir does
+    not search for a whiteout xattr (as the kernel's does not) while a
+    lookup does; the kernel then asks for it by name."""
     h = handle(stack, fh, DirHandle)
     node = h.node
     dirs = stack.dirs
     dirfd_of = functools.partial(dirs.dirfd, node)
     names_of = functools.partial(dirs.names, node)
+    marked_of = functools.partial(dirs.marked, node)
     if h.names is None or start == 0:
         h.names = [b".", b".."] + list_names(dirfd_of, node.layers,
                                              functools.partial(dirs.keep_listing, node))
@@ -135,10 +141,14 @@ def readdir(stack: Stack, fh, start: int):
         if i < 2:
             yield i + 1, name, node if i == 0 else (node.parent or node), None
             continue
-        found = probe_layers(layers, dirfd_of, name, names_of)
+        found = probe_layers(layers, dirfd_of, name, names_of, marked_of)
         if found is None:
             continue
-        yield i + 1, name, node_for(stack, node, name, found), found
+        st = found.st
+        if st.st_size == 0 and stat.S_ISREG(st.st_mode) and not marked_of(found.layer):
+            yield i + 1, name, None, found
+        else:
+            yield i + 1, name, node_for(stack, node, name, found), found
 
 
 def releasedir(stack: Stack, fh) -> None:

@@ -58,7 +58,7 @@ class Found:
     layers: tuple = ()                # for directories: layers that merge, top first
 
 
-def probe(parent_layers, dirfd_of, name: bytes, names_of=None) -> Found | None:
+def probe(parent_layers, dirfd_of, name: bytes, names_of=None, marked_of=None) -> Found | None:
     """Resolve NAME in a merged directory.
 
     parent_layers: indices of the layers in which the parent is a directory,
@@ -66,8 +66,10 @@ def probe(parent_layers, dirfd_of, name: bytes, names_of=None) -> Found | None:
     parent's fd in that layer; names_of(layer), if given, the set of every
     name in it (or None): a name not in it needs no lstat. Applies the
     whiteout rules of both formats; returns None when the name is absent or
-    whited out. Markers that could only hide layers below matter only when
-    there are such layers, so the common single-layer case costs one lstat.
+    whited out. marked_of(layer), if given, says whether the parent holds
+    xattr whiteouts there (whiteout.has_xattr_whiteouts); else it may.
+    Markers that could only hide layers below matter only when there are
+    such layers, so the common single-layer case costs one lstat.
     """
     found = None
     merged = []
@@ -80,7 +82,7 @@ def probe(parent_layers, dirfd_of, name: bytes, names_of=None) -> Found | None:
         names = names_of(li) if names_of is not None else None
         st = lstat_at(dfd, name) if names is None or name in names else None
         if st is not None:
-            if whiteout.is_whiteout(dfd, name, st):
+            if whiteout.is_whiteout(dfd, name, st, marked_of is None or marked_of(li)):
                 break
             if found is None:
                 found = Found(li, st)

@@ -30,6 +30,8 @@ def probe(stack: Stack, parent: Node, name: bytes):
         return None
     parent.probes += 1
     dirs = stack.dirs
+    # a lookup looks for xattr whiteouts in every directory (the kernel's does;
+    # its readdir only in marked ones: fs.files.readdir)
     return probe_layers(parent.layers, functools.partial(dirs.dirfd, parent), name,
                         functools.partial(dirs.names, parent))
 

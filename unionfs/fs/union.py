@@ -171,9 +171,17 @@ class Union:
 
     def readdir(self, fh, start: int):
         """Yield (next_offset, name, node, Attrs). The caller says which entries
-        reached the kernel (`entry_sent`): only those count as a lookup."""
-        for next_id, name, node, found in files.readdir(self.stack, fh, start):
-            yield next_id, name, node, self._attrs(node, found)
+        reached the kernel (`entry_sent`): only those count as a lookup. An
+        entry without a node (None) is to be listed by name, type and inode
+        number only (fs.files.readdir says when)."""
+        stack = self.stack
+        for next_id, name, node, found in files.readdir(stack, fh, start):
+            if node is None:
+                directory = stack.handles[fh].node
+                _, st_ino = lookup.identify(stack, directory, name, found)
+                yield next_id, name, None, Attrs(found.st, found.st.st_nlink, st_ino)
+            else:
+                yield next_id, name, node, self._attrs(node, found)
 
     def entry_sent(self, node) -> None:
         node.lookups += 1

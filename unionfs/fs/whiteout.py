@@ -64,14 +64,25 @@ def _has_xattr(path: bytes, names, follow: bool, want: bytes | None = None) -> b
     return False
 
 
-def is_whiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
-    """Is the entry NAME (already lstat'ed as st) a whiteout in kernel form?"""
+def is_whiteout(dirfd: int, name: bytes, st: os.stat_result,
+                xattr_whiteouts: bool = True) -> bool:
+    """Is the entry NAME (already lstat'ed as st) a whiteout in kernel form?
+
+    xattr_whiteouts: may the directory hold whiteouts in xattr form? As in
+    the kernel, only a directory marked so (has_xattr_whiteouts) is searched
+    for them: otherwise every empty file would cost a getxattr."""
     mode = st.st_mode
     if stat.S_ISCHR(mode):
         return st.st_rdev == 0
-    if stat.S_ISREG(mode) and st.st_size == 0:
+    if xattr_whiteouts and stat.S_ISREG(mode) and st.st_size == 0:
         return _has_xattr(entry_path(dirfd, name), WHITEOUT_XATTRS, follow=False)
     return False
+
+
+def has_xattr_whiteouts(dir_fd: int) -> bool:
+    """Is the directory open as dir_fd marked as holding xattr whiteouts (its
+    opaque xattr is "x", the kernel's mark for a merge directory that does)?"""
+    return _has_xattr(fd_path(dir_fd), OPAQUE_XATTRS, follow=True, want=b"x")
 
 
 def is_opaque(dirfd: int, name: bytes) -> bool:

@@ -163,6 +163,12 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def readdir(self, fh, start_id, token):
         for next_id, name, node, attrs in self.u.readdir(fh, start_id):
+            if node is None:    # name, type and inode number only: node id 0
+                entry = attributes(attrs)
+                set_node_id(entry, 0)
+                if not pyfuse3.readdir_reply(token, name, entry, next_id):
+                    break
+                continue
             if not pyfuse3.readdir_reply(token, name, entry_attributes(node, attrs), next_id):
                 self.u.entry_unsent(node)
                 break
