@@ -63,9 +63,13 @@ if [ ! -e "$src_stamp" ]; then
   touch "$src_stamp"
 fi
 chmod -R a+rX "$PREFIX"
-for prog in unionfs fuse-unionfs; do
-  ln -sfn "$VENV/bin/$prog" "/usr/local/bin/$prog"
-done
+# UNIONFS_LINK_BIN=0: a second install beside the main one (say, a branch
+# under test) that leaves /usr/local/bin alone
+if [ "${UNIONFS_LINK_BIN:-1}" != 0 ]; then
+  for prog in unionfs fuse-unionfs; do
+    ln -sfn "$VENV/bin/$prog" "/usr/local/bin/$prog"
+  done
+fi
 # umount(8) runs this for fuse.unionfs mounts: it waits for the server to exit
 install -m 0755 "$here/scripts/umount.fuse.unionfs" /sbin/umount.fuse.unionfs
 # plain users' FUSE mounts (fusermount3 is setuid; the device must be open to them)

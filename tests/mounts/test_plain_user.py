@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from mountutil import wait_for
+from mountutil import VENV_BIN, wait_for
 from unionfs.sys.mountinfo import is_mountpoint
 
 USER = "nobody"
@@ -21,10 +21,9 @@ def as_user(*argv, timeout=30):
 
 
 def installed(program):
-    path = shutil.which(program, path="/usr/local/bin:/usr/bin:/bin")
-    if path is None:
-        pytest.fail(f"{program} is not installed in /usr/local/bin (scripts/setup.sh links it)")
-    return path
+    """The program of the install under test (beside this interpreter: the
+    venv scripts/setup.sh makes for every user)."""
+    return os.path.join(VENV_BIN, program)
 
 
 @pytest.mark.parametrize("program", ["fuse-unionfs", "unionfs"])
