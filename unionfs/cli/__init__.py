@@ -83,10 +83,30 @@ def main(args=None):
 
 
 def mount_and_exit(cfg):
-    """`unionfs mount` and `fuse-unionfs`: mount `cfg` (unionfs.serve.process.start)
-    and exit with its status; a problem is one line on stderr and status 1."""
-    from ..serve.process import ServerError, start
+    """`unionfs mount` and `fuse-unionfs`: mount `cfg` and exit with its status;
+    a problem is one line on stderr and status 1. A mount that returns once
+    live goes through the daemon when one answers (its pre-started servers
+    are ready; unionfs.daemon.client), else gets a server of its own
+    (unionfs.serve.process.start). UNIONFS_NO_DAEMON=1 skips the daemon."""
+    import os
+
     from ..serve.validate import MountError
+    if not cfg.foreground and os.environ.get("UNIONFS_NO_DAEMON") != "1":
+        from ..daemon import client
+        from ..daemon.fusemount import FuseMountError
+        try:
+            if client.mount(cfg) is not None:
+                sys.exit(0)
+        except MountError as e:
+            print(f"unionfs: {e}", file=sys.stderr)
+            sys.exit(1)
+        except (client.DaemonError, FuseMountError) as e:
+            print(e, file=sys.stderr)
+            sys.exit(1)
+        except OSError as e:
+            print(f"unionfs: {e.strerror}: {e.filename or cfg.mountpoint}", file=sys.stderr)
+            sys.exit(1)
+    from ..serve.process import ServerError, start
     try:
         status = start(cfg)
     except MountError as e:

@@ -29,6 +29,7 @@ class DirCache:
         self._listings: OrderedDict = OrderedDict()   # (node, layer) -> frozenset
         self._marked: dict = {}       # (node, layer) -> holds xattr whiteouts
         self.listed_names = 0
+        self.hits = [0, 0, 0, 0]      # dirfd hits, misses; listing hits, misses
 
     def dirfd(self, node, li: int) -> int | None:
         """An O_PATH fd of directory node in layer li, None if absent there."""
@@ -36,7 +37,9 @@ class DirCache:
         fd = fds.get((node, li))
         if fd is not None:
             fds.move_to_end((node, li))
+            self.hits[0] += 1
             return fd
+        self.hits[1] += 1
         # open from the nearest ancestor whose fd is known, down to node
         chain = [node]
         parent = node.parent
@@ -106,15 +109,24 @@ class DirCache:
         names = self._listings.get((node, li))
         if names is not None:
             self._listings.move_to_end((node, li))
+            self.hits[2] += 1
             return names
         if node.probes < LISTING_AFTER_PROBES:
             return None
+        self.hits[3] += 1
         dfd = self.dirfd(node, li)
         if dfd is None:
             return None
         names = layer_names(dfd)
         self.keep_listing(node, li, names)
         return names
+
+    def hit_rates(self) -> dict:
+        def rate(hit, miss):
+            return round(hit / (hit + miss), 4) if hit + miss else None
+        h = self.hits
+        return {"dirfd_hit_rate": rate(h[0], h[1]), "listing_hit_rate": rate(h[2], h[3]),
+                "dirfd_lookups": h[0] + h[1], "listing_lookups": h[2] + h[3]}
 
     def __len__(self):
         return len(self._fds)
@@ -126,3 +138,4 @@ class DirCache:
         self._listings.clear()
         self._marked.clear()
         self.listed_names = 0
+        self.hits = [0, 0, 0, 0]      # dirfd hits, misses; listing hits, misses

@@ -20,7 +20,7 @@ does that off the event loop and calls the operation again.
 import os
 from collections import namedtuple
 
-from . import attrs, copyplan, create, files, lookup, namespace
+from . import attrs, copyplan, create, files, lookup, namespace, provenance
 from .copyplan import Deferred
 from .stack import ROOT_CALLER, Caller, Stack
 
@@ -52,11 +52,38 @@ class Union:
         """Sizes of the server's tables: all bounded (by the kernel's references,
         the open files and the fd cache), whatever the size of the tree."""
         s = self.stack
+        memory = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, value = line.split(":")
+                    memory[key.lower() + "_kib"] = int(value.split()[0])
         return {"pid": os.getpid(), "nodes": len(s.nodes), "handles": len(s.handles),
-                "dirfds": len(s.dirs), "listed_names": s.dirs.listed_names}
+                "dirfds": len(s.dirs), "listed_names": s.dirs.listed_names,
+                "caches": s.dirs.hit_rates(), "memory": memory}
 
     def statfs(self):
         return attrs.statfs(self.stack)
+
+    def name_layers(self, lowers, upper=None) -> None:
+        """The layers' paths as the mount's client named them, for messages
+        (a server given descriptors sees only /proc/self/fd/N)."""
+        layers = self.stack.layers
+        for layer, path in zip(layers[1:], lowers, strict=True):
+            layer.path = path
+        if upper is not None and layers[0] is not None:
+            layers[0].path = upper
+
+    def which(self, path: str) -> dict:
+        """Where `path` (from the union's root) comes from (fs.provenance)."""
+        return provenance.which(self.stack, path)
+
+    def which_node(self, ino, child: bytes = b"") -> dict:
+        """Provenance of node ino (or of its entry `child`)."""
+        path = self.stack.node(ino).path()
+        if child:
+            path = path + b"/" + child if path else child
+        return provenance.which(self.stack, path.decode(errors="surrogateescape"))
 
     # ---- the adapter's side of copy-ups ---------------------------------------
 

@@ -67,8 +67,10 @@ class CopyWorkers:
 
 
 class Copier:
-    def __init__(self, union, threads: int = 4):
+    def __init__(self, union, threads: int = 4, counters=None, events=None):
         self.u = union
+        self.counters = counters
+        self.events = events
         union.defer_copies()
         self._locks: dict = {}      # node -> trio.Lock, while copied or waited for
         self._workers = CopyWorkers(threads)
@@ -101,12 +103,24 @@ class Copier:
                     u.in_flight.add(n)
                     try:
                         job = u.copy_job(n, meta_only)
+                        start = time.perf_counter()
                         await self._run(job)
                         u.commit_copy(n, job)
                     finally:
                         u.in_flight.discard(n)
+                    self._count(n, job, time.perf_counter() - start)
             if not lock.statistics().tasks_waiting:
                 self._locks.pop(n, None)
+
+    def _count(self, node, job, seconds) -> None:
+        nbytes = job.st.st_size if stat.S_ISREG(job.st.st_mode) and job.kind != copyup.META \
+            else 0
+        if self.counters is not None:
+            self.counters.copyup(job.kind, nbytes, seconds)
+        if self.events:
+            self.events.publish({"type": "copy-up", "path": "/" + node.path().decode(
+                errors="surrogateescape"), "kind": job.kind, "bytes": nbytes,
+                "seconds": round(seconds, 6)})
 
     async def _run(self, job) -> None:
         if is_quick(job):

@@ -15,17 +15,23 @@ import errno
 import functools
 import json
 import logging
+from time import perf_counter_ns
 
 import pyfuse3
 
 from ..fs.union import Caller, Deferred, Union
 from .copier import Copier
 from .entries import set_node_id
+from .stats import Counters, Events
 
 log = logging.getLogger("unionfs")
 
-# Reading this xattr of the root (never listed) reports the server's tables.
+# Reading this xattr of the root (never listed) reports the server's tables
+# and counters; reading WHICH_XATTR of any object says where it comes from
+# (WHICH_XATTR/NAME of a directory: where its entry NAME comes from, or what
+# hides it).
 STATS_XATTR = b"user.unionfs.stats"
+WHICH_XATTR = b"user.unionfs.which"
 
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
@@ -35,18 +41,29 @@ MAX_DEFERRALS = 100
 
 
 def translate_errors(fn):
+    op = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self, *args, **kwargs):
+        start = perf_counter_ns()
+        error = None
         try:
             return await fn(self, *args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as e:
+            error = e.errno
             raise
         except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s", fn.__name__)
+            error = e.errno or errno.EIO
+            raise pyfuse3.FUSEError(error) from None
+        except Exception as e:
+            log.exception("internal error in %s", op)
+            error = errno.EIO
+            if self.events:
+                self.events.publish({"type": "error", "op": op,
+                                     "message": f"{type(e).__name__}: {e}"})
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
+            self.counters.request(op, perf_counter_ns() - start, error)
             changed = self.u.changed_attrs()
             if changed:
                 _invalidate_attrs(changed)
@@ -108,7 +125,14 @@ class Operations(pyfuse3.Operations):
     def __init__(self, union: Union, copy_threads: int = 4):
         super().__init__()
         self.u = union
-        self._copier = Copier(union, copy_threads)
+        self.counters = Counters()
+        self.events = Events()
+        self._copier = Copier(union, copy_threads, self.counters, self.events)
+
+    def stats(self) -> dict:
+        """The server's tables and counters, as the control API reports them."""
+        return {**self.u.stats(), **self.counters.snapshot(),
+                "copies_in_flight": len(self.u.in_flight)}
 
     async def _call(self, fn, *args, **kwargs):
         """fn(*args), after the copy-ups it asks for (see the module doc)."""
@@ -248,7 +272,12 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def getxattr(self, inode, name, ctx):
         if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE:
-            return json.dumps(self.u.stats()).encode()
+            return json.dumps(self.stats()).encode()
+        if name.startswith(WHICH_XATTR):
+            # WHICH_XATTR + b"/" + NAME asks about a child that may not exist
+            child = name[len(WHICH_XATTR) + 1:] if name[len(WHICH_XATTR):][:1] == b"/" else b""
+            if child or name == WHICH_XATTR:
+                return json.dumps(self.u.which_node(inode, child)).encode()
         return self.u.getxattr(inode, name)
 
     @translate_errors

@@ -10,6 +10,7 @@ layers next.
 """
 import faulthandler
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -63,8 +64,13 @@ def open_union(cfg: MountConfig) -> Union:
         raise MountError(f"cannot open layers: {e.strerror} ({shown(e.filename)})") from None
 
 
-def serve(cfg: MountConfig, ready) -> int:
-    """Mount the validated `cfg` and serve it; see the module's docstring."""
+def serve(cfg: MountConfig, ready, fuse_fd=None, companion=None) -> int:
+    """Mount the validated `cfg` and serve it; see the module's docstring.
+
+    fuse_fd: a /dev/fuse descriptor someone else mounted already (a client of
+    the daemon, in its own mount namespace): served as it is, nothing mounted
+    here. companion(union, operations): an async function run beside the
+    FUSE loop (the server's control socket), cancelled with it."""
     # `kill -USR1 PID` writes every thread's stack to the server's stderr (its log)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
@@ -79,7 +85,8 @@ def serve(cfg: MountConfig, ready) -> int:
         ready(str(e))
         raise
     try:
-        pyfuse3.init(Operations(union), cfg.mountpoint,
+        operations = Operations(union)
+        pyfuse3.init(operations, cfg.mountpoint if fuse_fd is None else f"/dev/fd/{fuse_fd}",
                      fuse_options(cfg, union.profile.privileged_mount))
     except RuntimeError as e:
         union.close()
@@ -90,7 +97,7 @@ def serve(cfg: MountConfig, ready) -> int:
         raise MountError(message) from None
     ready(None)
     try:
-        trio.run(_main)
+        trio.run(_main, companion and functools.partial(companion, union, operations))
     finally:
         # release the layers first: whoever unmounted us may unmount them next
         union.close()
@@ -104,8 +111,10 @@ def serve(cfg: MountConfig, ready) -> int:
     return 0
 
 
-async def _main():
+async def _main(companion=None):
     async with trio.open_nursery() as nursery:
+        if companion is not None:
+            nursery.start_soon(companion)
         async def on_signal():
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
                                            signal.SIGHUP) as signals:

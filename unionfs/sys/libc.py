@@ -1,6 +1,6 @@
 """Every ctypes call of the project: the Linux calls Python 3.11's os module lacks.
 
-openat2 and renameat2 for the filesystem; unshare, mount, umount2, pivot_root,
+openat2 and renameat2 for the filesystem; unshare, setns, mount, umount2, pivot_root,
 sethostname, prctl, open_tree, move_mount and mount_setattr for the runner and
 the servers. Each raises OSError(errno) like the os module. libc is opened
 once, by its soname (find_library would fork ldconfig: slow).
@@ -79,6 +79,7 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
                         ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong, ctypes.c_ulong]
@@ -98,6 +99,11 @@ def _check(result, *what):
 
 def unshare(flags):
     _check(_libc.unshare(flags))
+
+
+def setns(fd, nstype=0):
+    """Join the namespace open as fd (a user namespace: single-threaded only)."""
+    _check(_libc.setns(fd, nstype))
 
 
 def mount(source, target, fstype=None, flags=0, data=None):
