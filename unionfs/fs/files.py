@@ -13,6 +13,7 @@ import os
 import stat
 
 from ..sys import libc
+from . import whiteout
 from .copyplan import require
 from .inodes import Node
 from .layers import list_names
@@ -122,10 +123,10 @@ def opendir(stack: Stack, ino) -> int:
 def readdir(stack: Stack, fh, start: int):
     """Yield (next_offset, name, node, found) from a snapshot taken at offset 0.
 
-    node is None for an entry that is listed without attributes: an empty
-    file in a directory not marked for xattr whiteouts, which readdir does
-    not search for a whiteout xattr (as the kernel's does not) while a
-    lookup does; the kernel then asks for it by name."""
+    node is None for an entry that is listed without attributes: a whiteout
+    in xattr form in a directory not marked for them, which the kernel's
+    readdir lists (it does not look) but its lookup hides; the kernel then
+    asks for it by name, and is told it does not exist."""
     h = handle(stack, fh, DirHandle)
     node = h.node
     dirs = stack.dirs
@@ -145,7 +146,8 @@ def readdir(stack: Stack, fh, start: int):
         if found is None:
             continue
         st = found.st
-        if st.st_size == 0 and stat.S_ISREG(st.st_mode) and not marked_of(found.layer):
+        if st.st_size == 0 and stat.S_ISREG(st.st_mode) and not marked_of(found.layer) \
+                and whiteout.has_whiteout_xattr(dirfd_of(found.layer), name):
             yield i + 1, name, None, found
         else:
             yield i + 1, name, node_for(stack, node, name, found), found
