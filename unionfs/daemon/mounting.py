@@ -134,8 +134,18 @@ async def _mount(daemon, peer, message, fds) -> dict:
     control = os.path.join(daemon.state_dir, f"{mount_id}.sock")
     log_path = os.path.join(daemon.state_dir, f"{mount_id}.log")
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    send_fds = list(fds) + [log_fd]
+    # the control socket is bound here: the server, with the client's ids, may
+    # not be able to create anything in the daemon's state directory
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(control)
+    finally:
+        os.umask(old_umask)
+    listener.listen(16)
+    send_fds = list(fds) + [log_fd, listener.fileno()]
     named["log"] = len(fds)
+    named["control"] = len(fds) + 1
     info = {"id": mount_id, "mountpoint": message.get("mountpoint"), "owner_uid": peer[1],
             "lowers": message.get("lowers", []), "upper": message.get("upper")}
     forwarded = {"config": message["config"], "fds": named, "creds": creds,
@@ -149,6 +159,7 @@ async def _mount(daemon, peer, message, fds) -> dict:
         raise Refused("unionfs daemon: no server answered in time") from None
     finally:
         os.close(log_fd)
+        listener.close()
     server.close()
     if "error" in answer:
         raise Refused(answer["error"])

@@ -20,31 +20,21 @@ import trio
 EVENT_BACKLOG = 1000
 
 
-def companion(path, info, mntns_fd):
-    """The control task for serve(companion=...), or None without a socket path."""
-    if path is None:
+def companion(listen_fd, info, mntns_fd):
+    """The control task for serve(companion=...), or None without a socket.
+
+    listen_fd: a listening UNIX socket, bound by the daemon (0600) where it
+    keeps its records; the daemon removes the file when the server is gone."""
+    if listen_fd is None:
         return None
 
     async def run(union, operations):
         if info.get("lowers"):
             union.name_layers(info["lowers"], info.get("upper"))
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(16)
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=listen_fd))
         listener = trio.SocketListener(sock)
         handler = _Handler(union, operations, info, mntns_fd)
-        try:
-            await trio.serve_listeners(handler.connection, [listener])
-        finally:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        await trio.serve_listeners(handler.connection, [listener])
     return run
 
 

@@ -97,7 +97,8 @@ def main(channel_fd: int) -> int:
     from .validate import MountError
     logging.basicConfig(level=logging.DEBUG if cfg.debug else logging.WARNING,
                         format="unionfs: %(levelname)s %(message)s")
-    companion = control.companion(message.get("control"), message.get("info", {}),
+    companion = control.companion(fds[named["control"]] if named.get("control") is not None
+                                  else None, message.get("info", {}),
                                   fds[named["mntns"]] if named.get("mntns") is not None
                                   else None)
     try:
