@@ -8,6 +8,7 @@ import time
 
 import click
 
+from . import extras as extrasmod
 from . import report
 from . import scale as scalemod
 from . import stack as stackmod
@@ -33,7 +34,10 @@ def _split(values):
 @click.option("--workloads", "workload_names", multiple=True, metavar="NAME[,NAME]",
               help="Only these workloads or workload groups (default: all).")
 @click.option("--configs", "config_names", multiple=True, metavar="NAME[,NAME]",
-              help="ext4 (the host filesystem) and/or xfs-reflink (default: both).")
+              help="ext4 (the host filesystem), xfs-reflink, scale (default: all); "
+                   "none: only the --extras.")
+@click.option("--extras", "extra_names", multiple=True, metavar="NAME[,NAME]",
+              help="Also run these benchmarks: startup, podman, images, daemon (bench.extras).")
 @click.option("--reps", type=click.IntRange(1), help="Repetitions (default 5; --quick 1).")
 @click.option("--heavy-reps", type=click.IntRange(1),
               help="Repetitions of the 1 GiB workloads (default 5; --quick 1).")
@@ -42,7 +46,7 @@ def _split(values):
 @click.option("--list", "list_only", is_flag=True,
               help="List the targets (and why one cannot run) and the workloads, then exit.")
 def bench(quick, out_dir, target_names, workload_names, config_names, reps, heavy_reps, timeout,
-          list_only):
+          list_only, extra_names):
     """Time unionfs against native, kernel overlayfs, fuse-overlayfs and unionfs-fuse."""
     params = stackmod.QUICK if quick else stackmod.FULL
     targets = all_targets()
@@ -60,7 +64,13 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
             raise click.UsageError(f"unknown target {name!r}; known: {', '.join(known)}")
     if wanted:
         targets = [t for t in targets if t.name in wanted]
+    extras = _split(extra_names)
+    for name in extras:
+        if name not in extrasmod.NAMES:
+            raise click.UsageError(f"unknown extra {name!r}; known: {', '.join(extrasmod.NAMES)}")
     configs = _split(config_names) or list(CONFIGS)
+    if configs == ["none"]:
+        configs = []
     for name in configs:
         if name not in CONFIGS:
             raise click.UsageError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
@@ -75,11 +85,13 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
         os.unlink(records_path)
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    try:
-        base = stackmod.build(params, log=log)
-    except OSError as e:
-        raise click.ClickException(f"cannot build the stack: {e}") from None
-    all_workloads = build_workloads(base.meta)
+    base = None
+    if {"ext4", "xfs-reflink"} & set(configs):   # the scale config has a stack of its own
+        try:
+            base = stackmod.build(params, log=log)
+        except OSError as e:
+            raise click.ClickException(f"cannot build the stack: {e}") from None
+    all_workloads = build_workloads(base.meta if base else {"params": dataclasses.asdict(params)})
     scale_workloads = scalemod.build_workloads()
     known_workloads = {w.name for w in all_workloads + scale_workloads} | set(GROUPS) | {"scale"}
     for name in wanted_workloads:
@@ -132,7 +144,8 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
             cleanup()
     info = {
         "started": started_at, "kernel": runner.kernel, "commit": runner.commit,
-        "stack": os.path.basename(base.root), "merged_files": base.meta["regular_files"],
+        "stack": base and os.path.basename(base.root),
+        "merged_files": base and base.meta["regular_files"],
         "quick": quick, "reps": runner.reps, "heavy_reps": runner.heavy_reps,
         "versions": runner.versions, "elapsed_s": time.monotonic() - started,
         "configs": [c.name for c in config_objs],
@@ -142,5 +155,9 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
     records = runner.records
     charts = report.write_charts(records, out_dir)
     report.write_summary(records, out_dir, info)
+    if extras:
+        section = extrasmod.run(extras, reps or (3 if quick else 15), out_dir, log)
+        with open(os.path.join(out_dir, "summary.md"), "a") as f:
+            f.write("\n" + section)
     log(f"bench: {len(records)} records, {len(charts)} charts, summary in "
         f"{os.path.join(out_dir, 'summary.md')} ({info['elapsed_s']:.0f} s)")

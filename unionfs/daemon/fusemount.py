@@ -13,7 +13,6 @@ import errno
 import os
 import socket
 import stat
-import subprocess
 
 from ..sys import libc
 
@@ -63,6 +62,7 @@ def _mount_directly(mountpoint, source, subtype, flags, options) -> int:
 
 
 def _mount_with_fusermount(mountpoint, source, subtype, flags, options) -> int:
+    import subprocess
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         opts = ",".join([f"fsname={source}", f"subtype={subtype}",
@@ -98,6 +98,7 @@ def unmount(mountpoint: str) -> None:
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EACCES):
             raise
+    import subprocess
     proc = subprocess.run(["fusermount3", "-u", "--", mountpoint], capture_output=True,
                           text=True)
     if proc.returncode != 0:

@@ -31,8 +31,9 @@ class TempPool:
     workdir litter like any other: removed at unmount, and by clean_workdir
     after a crash."""
 
-    # A few at mount (filling costs CPU that the first requests of a fresh
-    # mount would feel); more once copy-ups show they are needed.
+    # A few once copy-ups start (the adapter fills the pool after the first
+    # one: filling at mount would cost CPU the mount's start would feel);
+    # more once they show they are needed.
     START = (4, 2)
     FULL = (32, 8)
 

@@ -74,7 +74,9 @@ class Copier:
         union.defer_copies()
         self._locks: dict = {}      # node -> trio.Lock, while copied or waited for
         self._workers = CopyWorkers(threads)
-        self.refill()
+        # the workdir's ready inodes are made after the first copy-up, not at
+        # mount: filling them would compete with the mount's start (and a
+        # mount that never copies up never needs them)
 
     def refill(self) -> None:
         work = self.u.temp_pool_refill()
