@@ -70,6 +70,7 @@ if [ "${UNIONFS_LINK_BIN:-1}" != 0 ]; then
     ln -sfn "$VENV/bin/$prog" "/usr/local/bin/$prog"
   done
 fi
+install -D -m 0644 "$here/docs/fuse-unionfs.1" /usr/local/share/man/man1/fuse-unionfs.1
 # umount(8) runs this for fuse.unionfs mounts: it waits for the server to exit
 install -m 0755 "$here/scripts/umount.fuse.unionfs" /sbin/umount.fuse.unionfs
 # plain users' FUSE mounts (fusermount3 is setuid; the device must be open to them)

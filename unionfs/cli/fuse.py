@@ -7,7 +7,31 @@ FUSE_USAGE = """\
 usage: fuse-unionfs [SOURCE] MOUNTPOINT -o lowerdir=A:B[,upperdir=U,workdir=W][,OPTS] [-f] [-d]
 
 A drop-in for fuse-overlayfs's command line (mount -t fuse.fuse-unionfs, /etc/fstab,
-podman's mount_program).
+podman's mount_program). It returns once the mount is live; a unionfs daemon, if one
+answers, serves it (unionfs daemon), else a server of its own does.
+
+layers:
+  lowerdir=A:B:C        read-only layers, top first (':' separates, '\\:' is a colon,
+                        '::' starts data-only layers)
+  upperdir=U            the writable layer (without it: read-only, EROFS on writes)
+  workdir=W             scratch space on U's filesystem (W/work is emptied at mount)
+behaviour:
+  volatile              no fsync of copy-ups
+  metacopy=on|off       copy metadata only on chmod/chown/utimes/xattr changes
+  whiteout=kernel|oci   the marker format written in the upper (default: what the
+                        server may write: the kernel's, userxattr in a user namespace,
+                        OCI .wh. files otherwise)
+  userxattr             keep markers and bookkeeping in user.* xattrs
+ownership (fuse-overlayfs's meaning; see docs/rootless.md):
+  uidmapping=C:H:N[:C:H:N...]   gidmapping=...   owners shown and stored through maps
+  squash_to_root  squash_to_uid=N  squash_to_gid=N   show every owner as one id
+  xattr_permissions=1|2   keep owners and modes in an override_stat xattr
+  noacl   static_nlink   noxattrs=1
+mount flags: rw ro dev nodev suid nosuid exec noexec atime noatime relatime
+  strictatime lazytime sync async dirsync ...; x-* and comment= are ignored, and so
+  are fuse-overlayfs's options that change nothing here.
+other: -f  stay in the foreground;  -d  log every request (implies -f);
+  -V, --version;  -h, --help.  The manual page: man fuse-unionfs.
 """
 
 

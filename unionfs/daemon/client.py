@@ -124,9 +124,9 @@ def mount(cfg, socket_path=None):
 
 
 def _undo(mountpoint):
-    from . import fusemount
+    from ..serve.process import unmount
     try:
-        fusemount.unmount(mountpoint)
+        unmount(mountpoint)
     except OSError:
         pass
 

@@ -9,7 +9,6 @@ namespace that owns it, as podman's mount program is) it calls mount(2) with
 the descriptor back over a socket (_FUSE_COMMFD), as libfuse does.
 """
 import array
-import errno
 import os
 import socket
 import stat
@@ -88,18 +87,3 @@ def _mount_with_fusermount(mountpoint, source, subtype, flags, options) -> int:
         ours.close()
         if theirs.fileno() >= 0:
             theirs.close()
-
-
-def unmount(mountpoint: str) -> None:
-    """Unmount here (umount2, or fusermount3 -u for a plain user's mount)."""
-    try:
-        libc.umount2(mountpoint)
-        return
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EACCES):
-            raise
-    import subprocess
-    proc = subprocess.run(["fusermount3", "-u", "--", mountpoint], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise OSError(errno.EPERM, proc.stderr.strip() or "fusermount3 -u failed", mountpoint)

@@ -116,7 +116,7 @@ class _Handler:
                 return {"error": result.stderr.decode(errors="replace").strip()
                         or "umount failed"}
             return {"ok": True}
-        from ..daemon.fusemount import unmount
+        from .process import unmount
         try:
             await trio.to_thread.run_sync(unmount, mountpoint)
         except OSError as e:

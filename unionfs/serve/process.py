@@ -317,16 +317,29 @@ def server_pid(mountpoint):
         return None
 
 
+UNIONFS_TYPES = ("fuse.unionfs", "fuse.fuse-unionfs")
+
+
 def unmount_and_wait(mountpoint, timeout=EXIT_TIMEOUT):
     """`unionfs umount`: unmount, then return once the server has exited (its
-    layers are free). The server need not be ours. ServerError (one line)."""
+    layers are free). The server need not be ours. Only a unionfs mount is
+    unmounted; a bind mount of one (elsewhere, or of a subdirectory) is
+    unmounted alone, and its server, still serving the union, is not waited
+    for. ServerError (one line)."""
+    from ..sys import mountinfo
     mnt = os.path.realpath(mountpoint)
-    if not os.path.ismount(mnt):
+    stacked = mountinfo.mounts_at(mnt)
+    if not stacked:
         raise ServerError(f"unionfs: {shown(mnt)} is not mounted")
-    pid = server_pid(mnt)
+    top = stacked[-1]
+    if top.fstype not in UNIONFS_TYPES:
+        raise ServerError(f"unionfs: {shown(mnt)} is not a unionfs mount (it is {top.fstype})")
+    pid = server_pid(mnt) if top.root == "/" else None
     try:
         unmount(mnt)
     except OSError as e:
         raise ServerError(f"unionfs: cannot unmount {shown(mnt)}: {e.strerror}") from None
+    if any(m.device == top.device for m in mountinfo.mounts()):
+        return      # the union is still mounted elsewhere: its server goes on
     if pid is not None and not wait_for_exit(pid, timeout):
         raise ServerError(f"unionfs: the server of {shown(mnt)} (pid {pid}) did not exit")
