@@ -21,16 +21,20 @@ UNIONFS_MODES = [
 ]
 
 MOUNT_TIMEOUT = 60
+# A second unionfs to measure beside this one in the same interleaved run (an
+# A/B of two commits): UNIONFS_BENCH_BASELINE=/path/to/other/venv/bin/unionfs
+# adds the targets "baseline" and "baseline-volatile".
+BASELINE_ENV = "UNIONFS_BENCH_BASELINE"
 
 
 class MountError(Exception):
     pass
 
 
-def _run(argv, timeout=MOUNT_TIMEOUT):
+def _run(argv, timeout=MOUNT_TIMEOUT, env=None):
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=timeout)
+                              stderr=subprocess.PIPE, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise MountError(f"{argv[0]} did not return within {timeout} s") from None
     except OSError as e:
@@ -237,13 +241,14 @@ class UnionfsFuse(Target):
 class Unionfs(Target):
     program = "unionfs"
 
-    def __init__(self, name, options):
+    def __init__(self, name, options, command=None):
         super().__init__()
         self.name = name
         self.options = list(options)
         # The unionfs installed beside this interpreter is the one being measured.
         beside = os.path.join(os.path.dirname(sys.executable), "unionfs")
-        self.command = beside if os.path.exists(beside) else shutil.which("unionfs")
+        self.command = command or (beside if os.path.exists(beside)
+                                   else shutil.which("unionfs"))
 
     def unavailable(self):
         if not self.command:
@@ -261,7 +266,8 @@ class Unionfs(Target):
         argv += ["--upper", upper, "--work", work]
         if self.options:
             argv += ["-o", ",".join(self.options)]
-        _run(argv + [mnt])
+        # a server of its own for every mount: a running daemon would be another target
+        _run(argv + [mnt], env={**os.environ, "UNIONFS_NO_DAEMON": "1"})
         self._after_fuse_mount(mnt)
 
     def unmount(self, mnt):
@@ -273,6 +279,10 @@ def all_targets():
     targets = [Native(), KernelOverlay("overlay"),
                KernelOverlay("overlay-metacopy", ["metacopy=on"]), FuseOverlayfs(), UnionfsFuse()]
     targets += [Unionfs(name, opts) for name, opts in UNIONFS_MODES]
+    baseline = os.environ.get(BASELINE_ENV)
+    if baseline:
+        targets += [Unionfs("baseline", [], baseline),
+                    Unionfs("baseline-volatile", ["volatile"], baseline)]
     return targets
 
 
