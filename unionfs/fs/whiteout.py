@@ -6,7 +6,11 @@ Reads every form a layer may hold:
   a directory with ``trusted.overlay.opaque=y`` (or ``user.overlay.opaque=y``);
 - OCI image layers: an empty file ``.wh.NAME`` hides NAME in lower layers; a
   file ``.wh..wh..opq`` makes its directory opaque.
-Writes the kernel form (needs CAP_MKNOD and trusted xattrs) or the OCI form.
+Writes one of three forms, chosen at mount by what the server may do
+(fs.profile): the kernel's (char 0/0 whiteouts, ``trusted.overlay.opaque``:
+real root), the kernel's rootless form, what ``mount -t overlay -o userxattr``
+reads in a user namespace (char 0/0 whiteouts, ``user.overlay.opaque``), or
+the OCI form (a plain user without a user namespace).
 
 Everything here works on a directory fd plus a name, never on a path that
 could be resolved through a symlink.
@@ -22,7 +26,9 @@ OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 
 FORMAT_KERNEL = "kernel"
+FORMAT_USERXATTR = "userxattr"
 FORMAT_OCI = "oci"
+FORMATS = (FORMAT_KERNEL, FORMAT_USERXATTR, FORMAT_OCI)
 
 # xattrs that belong to the union's own bookkeeping and are never shown
 PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"trusted.unionfs.",
@@ -109,15 +115,26 @@ def has_oci_whiteout(dirfd: int, name: bytes) -> bool:
         raise
 
 
-def make_whiteout(dirfd: int, name: bytes, fmt: str) -> None:
-    """Write a marker hiding NAME of lower layers (NAME itself must not exist)."""
-    if fmt == FORMAT_KERNEL:
+def device_whiteouts(fmt: str) -> bool:
+    """Are whiteouts of this format char 0/0 devices (renameat2 can leave one)?"""
+    return fmt != FORMAT_OCI
+
+
+def make_whiteout(dirfd: int, name: bytes, fmt: str) -> bool:
+    """Write a marker hiding NAME of lower layers. A device whiteout takes
+    NAME itself (which must not exist); an OCI one sits beside NAME and may
+    be made first. True if a marker was made, False if an OCI marker was
+    there already (it hid a lower NAME before NAME was made)."""
+    if device_whiteouts(fmt):
         os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dirfd)
-    else:
-        # a .wh.NAME may already be there (it hid a lower NAME before NAME was made)
-        fd = os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600, dir_fd=dirfd)
-        os.close(fd)
+        return True
+    try:
+        fd = os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600, dir_fd=dirfd)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
 
 
 def remove_oci_whiteout(dirfd: int, name: bytes) -> None:
@@ -134,6 +151,8 @@ def make_opaque(dir_fd: int, fmt: str) -> None:
     """Mark the directory open as dir_fd (an O_PATH or O_RDONLY fd) opaque."""
     if fmt == FORMAT_KERNEL:
         os.setxattr(fd_path(dir_fd), OPAQUE_XATTRS[0], b"y")
+    elif fmt == FORMAT_USERXATTR:
+        os.setxattr(fd_path(dir_fd), OPAQUE_XATTRS[1], b"y")
     else:
         # a marker file is bookkeeping, not a change of the directory: keep its times
         path = fd_path(dir_fd)
