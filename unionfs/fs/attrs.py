@@ -82,10 +82,10 @@ def _set_owner(stack: Stack, node: Node, fd, mode, uid, gid) -> tuple:
     owners = stack.owners
     uid, gid = owners.stored_ids(uid, gid)
     if fd is not None:
-        path, st = whiteout.fd_path(fd), os.fstat(fd)
+        path, st = fd, os.fstat(fd)
     else:
         path = object_path(stack, node)
-        st = os.stat(path, follow_symlinks=False)
+        st = os.fstat(path) if isinstance(path, int) else os.stat(path, follow_symlinks=False)
     if owners.uses_override(st.st_mode):
         old_uid, old_gid, old_mode, _ = owners.stored(st, UPPER, lambda: path)
         owners.write_override(path, old_uid if uid is None else uid,
@@ -93,9 +93,12 @@ def _set_owner(stack: Stack, node: Node, fd, mode, uid, gid) -> tuple:
                               stat.S_IMODE(old_mode if mode is None else mode))
         return None, None, None
     if uid is not None or gid is not None:
-        owners.chown(os.chown, path, -1 if uid is None else uid, -1 if gid is None else gid,
-                     follow_symlinks=False, special=node.kind not in (stat.S_IFDIR,
-                                                                     stat.S_IFREG))
+        ids = (-1 if uid is None else uid, -1 if gid is None else gid)
+        special = node.kind not in (stat.S_IFDIR, stat.S_IFREG)
+        if isinstance(path, int):
+            owners.chown(os.fchown, path, *ids, special=special)
+        else:
+            owners.chown(os.chown, path, *ids, follow_symlinks=False, special=special)
     return mode, None, None
 
 
@@ -126,12 +129,12 @@ def getxattr(stack: Stack, ino, name: bytes) -> bytes:
     stored = _stored_name(stack, name, node.layer)
     if stored is None:
         raise err(errno.ENODATA)
-    return os.getxattr(object_path(stack, node), stored, follow_symlinks=False)
+    return whiteout.xattr_get(object_path(stack, node), stored)
 
 
 def listxattr(stack: Stack, ino) -> list:
     node = stack.node(ino)
-    names = map(os.fsencode, os.listxattr(object_path(stack, node), follow_symlinks=False))
+    names = map(os.fsencode, whiteout.xattr_list(object_path(stack, node)))
     owners = stack.owners
     if owners is None or not owners.any_override:
         return [n for n in names if not (whiteout.is_private_xattr(n) or idmap.is_private(n))]
@@ -148,7 +151,7 @@ def setxattr(stack: Stack, ino, name: bytes, value: bytes, flags: int = 0) -> No
         raise err(errno.EPERM)
     stack.require_upper()
     require(stack, needs=((node, True),), touches=(node,))
-    os.setxattr(object_path(stack, node), stored, value, flags, follow_symlinks=False)
+    whiteout.xattr_set(object_path(stack, node), stored, value, flags)
 
 
 def removexattr(stack: Stack, ino, name: bytes) -> None:
@@ -161,9 +164,9 @@ def removexattr(stack: Stack, ino, name: bytes) -> None:
     here = _stored_name(stack, name, node.layer)
     if here is None:
         raise err(errno.ENODATA)
-    os.getxattr(object_path(stack, node), here, follow_symlinks=False)
+    whiteout.xattr_get(object_path(stack, node), here)
     require(stack, needs=((node, True),), touches=(node,))
-    os.removexattr(object_path(stack, node), stored, follow_symlinks=False)
+    whiteout.xattr_remove(object_path(stack, node), stored)
 
 
 def statfs(stack: Stack):

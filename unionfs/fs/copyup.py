@@ -348,7 +348,19 @@ def _run(job: CopyJob) -> None:
     try:
         # completing a metacopy replaces the upper file; anything else is new there
         flags = 0 if job.kind == DATA else libc.RENAME_NOREPLACE
-        libc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, flags)
+        try:
+            libc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, flags)
+        except PermissionError:
+            if job.dac_override or parent_st.st_mode & stat.S_IWUSR \
+                    or parent_st.st_uid != os.geteuid():
+                raise
+            # a read-only parent of the server's own (its owner may write in
+            # the union what the parent holds): writable for the rename only
+            os.chmod(parent, stat.S_IMODE(parent_st.st_mode) | stat.S_IWUSR)
+            try:
+                libc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, flags)
+            finally:
+                os.chmod(parent, stat.S_IMODE(parent_st.st_mode))
     except BaseException:
         remove_tree(job.work_dir, tmp)
         raise

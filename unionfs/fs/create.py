@@ -153,7 +153,7 @@ def _make_owned(owners, dirfd, name, kind, mode, uid, gid, target, rdev, open_fl
         fd = os.open(name, flags, 0o600, dir_fd=dirfd)
         try:
             if override:
-                owners.write_override(whiteout.fd_path(fd), uid, gid, perm)
+                owners.write_override(fd, uid, gid, perm)
                 os.fchmod(fd, stat.S_IMODE(backing_mode(kind | perm)))
             else:
                 owners.chown(os.fchown, fd, uid, gid)

@@ -156,13 +156,14 @@ def raw_stat(stack: Stack, node: Node) -> os.stat_result:
     raise err(errno.ENOENT, node.path())
 
 
-def object_path(stack: Stack, node: Node) -> bytes:
-    """A path naming node's top object itself, for the xattr calls (which
-    take no dirfd); they must not follow it (follow_symlinks=False)."""
+def object_path(stack: Stack, node: Node):
+    """What names node's top object itself for the xattr calls (which take
+    no dirfd; whiteout.xattr_get and friends): a path never to follow, or
+    the fd of an open file whose names are gone."""
     if node.parent is None:     # the root: its layer's root, by name from that fd
         return whiteout.entry_path(stack.layers[node.layer].fd, b".")
     if node.unlinked and node.handles:
-        return whiteout.fd_path(node.handles[0].fd)
+        return node.handles[0].fd
     return whiteout.entry_path(stack.dirfd(node.parent, node.layer), node.name)
 
 

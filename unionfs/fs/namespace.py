@@ -49,7 +49,8 @@ def remove_upper_entry(stack: Stack, parent: Node, name: bytes, needs_whiteout: 
     if present and needs_whiteout and device:
         # move it out and leave a whiteout in one step
         tmp = workdir.temp_name()
-        libc.renameat2(udfd, name, stack.work_fd, tmp, libc.RENAME_WHITEOUT)
+        whiteout.rename_leaving_whiteout(udfd, name, stack.work_fd, tmp, stack.work_fd,
+                                         workdir.temp_name())
         workdir.remove_tree(stack.work_fd, tmp)
         return
     if not present:
@@ -183,8 +184,7 @@ def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, fla
         name_node(src, new_parent, new_name)
         name_node(dst, old_parent, old_name)
         return
-    device = whiteout.device_whiteouts(wh_fmt)
-    rflags = libc.RENAME_WHITEOUT if src_needs_whiteout and device else 0
+    device = src_needs_whiteout and whiteout.device_whiteouts(wh_fmt)
     # an OCI whiteout sits beside the name it hides: made before the rename,
     # so that a marker that cannot be written leaves everything as it was
     made = src_needs_whiteout and not device and whiteout.make_whiteout(old_dfd, old_name,
@@ -199,7 +199,11 @@ def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, fla
             tmp = workdir.temp_name()
             libc.renameat2(new_dfd, new_name, stack.work_fd, tmp, libc.RENAME_NOREPLACE)
             moved = tmp
-        libc.renameat2(old_dfd, old_name, new_dfd, new_name, rflags)
+        if device:
+            whiteout.rename_leaving_whiteout(old_dfd, old_name, new_dfd, new_name,
+                                             stack.work_fd, workdir.temp_name())
+        else:
+            libc.renameat2(old_dfd, old_name, new_dfd, new_name, 0)
     except BaseException:
         if moved is not None:
             libc.renameat2(stack.work_fd, moved, new_dfd, new_name, libc.RENAME_NOREPLACE)

@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 
-from . import idmap
+from . import idmap, whiteout
 
 # A chown the disk refuses for these reasons is reported as done when owners
 # are squashed (fuse-overlayfs ignores every chown error in that mode).
@@ -45,8 +45,7 @@ def read_override(path, name: bytes):
     None if it has none. EINVAL if it does not decode (fuse-overlayfs fails
     stat of such an object the same way)."""
     try:
-        raw = os.getxattr(path, name, follow_symlinks=False) if not isinstance(path, int) \
-            else os.getxattr(path, name)
+        raw = whiteout.xattr_get(path, name)
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.ENOTSUP):
             return None
@@ -55,13 +54,6 @@ def read_override(path, name: bytes):
         return idmap.decode_override(raw)
     except idmap.OverrideError as e:
         raise OSError(errno.EINVAL, str(e)) from None
-
-
-def _setxattr(path, name: bytes, value: bytes) -> None:
-    if isinstance(path, int):
-        os.setxattr(path, name, value)
-    else:
-        os.setxattr(path, name, value, follow_symlinks=False)
 
 
 class Owners:
@@ -124,7 +116,7 @@ class Owners:
         at path (an fd, or a path not to follow). A failure fails the
         operation, unless owners are squashed."""
         try:
-            _setxattr(path, self.upper_override, idmap.encode_override(uid, gid, mode))
+            whiteout.xattr_set(path, self.upper_override, idmap.encode_override(uid, gid, mode))
         except OSError as e:
             if not (self.squashed and e.errno in XATTR_REFUSED + (errno.EACCES,)):
                 raise

@@ -19,6 +19,8 @@ import errno
 import os
 import stat
 
+from ..sys import libc
+
 WH_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 
@@ -55,6 +57,34 @@ def entry_path(dirfd: int, name: bytes) -> bytes:
 
 def fd_path(fd: int) -> bytes:
     return b"/proc/self/fd/%d" % fd
+
+
+# xattr calls on an object named by an entry path (never followed) or by an
+# fd of its own (an open file: fgetxattr and friends)
+def xattr_get(target, name) -> bytes:
+    if isinstance(target, int):
+        return os.getxattr(target, name)
+    return os.getxattr(target, name, follow_symlinks=False)
+
+
+def xattr_set(target, name, value: bytes, flags: int = 0) -> None:
+    if isinstance(target, int):
+        os.setxattr(target, name, value, flags)
+    else:
+        os.setxattr(target, name, value, flags, follow_symlinks=False)
+
+
+def xattr_list(target) -> list:
+    if isinstance(target, int):
+        return os.listxattr(target)
+    return os.listxattr(target, follow_symlinks=False)
+
+
+def xattr_remove(target, name) -> None:
+    if isinstance(target, int):
+        os.removexattr(target, name)
+    else:
+        os.removexattr(target, name, follow_symlinks=False)
 
 
 def _has_xattr(path: bytes, names, follow: bool, want: bytes | None = None) -> bool:
@@ -135,6 +165,33 @@ def make_whiteout(dirfd: int, name: bytes, fmt: str) -> bool:
         return False
     os.close(fd)
     return True
+
+
+def rename_leaving_whiteout(old_dir: int, old: bytes, new_dir: int, new: bytes,
+                           work_dir: int, temp: bytes) -> None:
+    """rename(old, new) leaving a char 0/0 whiteout at old, in one step:
+    renameat2(RENAME_WHITEOUT), or where the filesystem has no such flag
+    (EINVAL: ramfs, some network filesystems) a whiteout made in the
+    workdir (under `temp`) and exchanged with old, then the object moved on
+    (and exchanged back if that fails)."""
+    try:
+        libc.renameat2(old_dir, old, new_dir, new, libc.RENAME_WHITEOUT)
+        return
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    os.mknod(temp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=work_dir)
+    try:
+        libc.renameat2(work_dir, temp, old_dir, old, libc.RENAME_EXCHANGE)
+    except BaseException:
+        os.unlink(temp, dir_fd=work_dir)
+        raise
+    try:
+        libc.renameat2(work_dir, temp, new_dir, new, 0)
+    except BaseException:
+        libc.renameat2(work_dir, temp, old_dir, old, libc.RENAME_EXCHANGE)
+        os.unlink(temp, dir_fd=work_dir)
+        raise
 
 
 def remove_oci_whiteout(dirfd: int, name: bytes) -> None:
