@@ -11,7 +11,7 @@ import os
 import stat
 
 from ..sys import libc
-from . import files, whiteout, workdir
+from . import acl, files, whiteout, workdir
 from .copyplan import require
 from .inodes import Node
 from .layers import lstat_at
@@ -80,6 +80,11 @@ def new_entry(stack: Stack, parent: Node, name: bytes, kind: int, perm: int, cal
         else:
             fd = _make_owned(stack.owners, where, wname, kind, mode, uid, gid, target, rdev,
                              open_flags)
+        if kind != stat.S_IFLNK and not stack.id_options.noacl and not (
+                stack.owners is not None and stack.owners.uses_override(kind)):
+            # the parent's default ACL: built in the workdir, the object is out
+            # of its reach; made in place, it got it for its first mode only
+            acl.inherit(whiteout.fd_path(udfd), whiteout.entry_path(where, wname), mode)
         if opaque:
             ofd = libc.openat2(where, wname, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
             try:
