@@ -12,28 +12,8 @@ from podman_env import Podman, PodmanUser
 # What fuse-unionfs does not do yet, per test and mode; each entry is a strict
 # xfail, so a fix shows up as XPASS (a failure) and the entry must go.
 KNOWN_UNIONFS_FAILURES = {
-    "test_keep_id_owners_and_root_files": {
-        "rootless": "uidmapping=/gidmapping= are ignored, and the mount lacks allow_other "
-                    "in podman's user namespace: runc cannot even lstat /proc in it",
-    },
-    "test_force_mask_shared_modes_and_owners": {
-        "root": "xattr_permissions=2 is ignored: modes and owners come from the disk "
-                "(0755, the storage owner) instead of user.containers.override_stat",
-        "rootless": "xattr_permissions=2 is ignored (see root)",
-    },
-    "test_force_mask_shared_create_modes_and_partial_changes": {
-        "root": "xattr_permissions=2 is ignored: a lower file shows its disk owner (0:0)",
-        "rootless": "xattr_permissions=2 is ignored: a lower file shows its disk owner",
-    },
-    "test_force_mask_shared_copy_up_keeps_the_mode_after_restart": {
-        "root": "xattr_permissions=2 is ignored: the copy keeps the disk mode 0755",
-        "rootless": "xattr_permissions=2 is ignored: the copy keeps the disk mode 0755",
-    },
-    "test_force_mask_shared_new_files": {
-        "root": "xattr_permissions=2 is ignored: chmod/chown change the upper's files "
-                "(0640, 0700 on disk) and no override xattr is written",
-        "rootless": "xattr_permissions=2 is ignored: chmod/chown change the upper's files",
-    },
+    # none left: the id options, allow_other in a user namespace and
+    # xattr_permissions=2 are implemented (docs/rootless.md)
 }
 # What fuse-overlayfs 1.10 (Debian 12's) gets wrong, some fixed in later releases.
 KNOWN_FUSE_OVERLAYFS_FAILURES = {

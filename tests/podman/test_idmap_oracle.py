@@ -21,7 +21,6 @@ from unionfs.fs import idmap
 pytestmark = pytest.mark.parametrize("program", PROGRAMS)
 
 STORED_IDS = (0, 1, 5, 9, 10, 1000, 1001, 1002, 65534, 200000)
-UNIONFS_IGNORES = "fuse-unionfs accepts {} and ignores it"
 
 
 @contextlib.contextmanager
@@ -57,12 +56,6 @@ def stack():
     shutil.rmtree(base, ignore_errors=True)
 
 
-def known(request, program, what, reason=None):
-    if program == "fuse-unionfs":
-        request.applymarker(pytest.mark.xfail(reason=reason or UNIONFS_IGNORES.format(what),
-                                              strict=True))
-
-
 SHOWN_CASES = [
     "uidmapping=0:100:10:1000:0:2,gidmapping=0:100:10",
     "uidmapping=:0:100:10",
@@ -84,8 +77,7 @@ def rules_for(options: str) -> idmap.IdOptions:
 
 
 @pytest.mark.parametrize("options", SHOWN_CASES)
-def test_shown_owners(request, program, stack, options):
-    known(request, program, options)
+def test_shown_owners(program, stack, options):
     rules = rules_for(options)
     with mounted(program, stack["lower"], stack["upper"], stack["work"], stack["mnt"], options):
         shown = {i: tuple(getattr(os.lstat(stack["mnt"] / f"f{i}"), a)
@@ -96,8 +88,7 @@ def test_shown_owners(request, program, stack, options):
 WRITE_OPTIONS = "uidmapping=0:100:10,gidmapping=0:100:10"
 
 
-def test_stored_owners_of_creates_and_chowns(request, program, stack):
-    known(request, program, WRITE_OPTIONS)
+def test_stored_owners_of_creates_and_chowns(program, stack):
     rules, mnt = rules_for(WRITE_OPTIONS), stack["mnt"]
     with mounted(program, stack["lower"], stack["upper"], stack["work"], mnt, WRITE_OPTIONS):
         (mnt / "by-root").write_text("r")            # root is outside the mapping
@@ -114,8 +105,7 @@ def test_stored_owners_of_creates_and_chowns(request, program, stack):
 
 @pytest.mark.parametrize("options", ["uidmapping=0:100", "uidmapping=a:100:1",
                                      "squash_to_uid=abc"])
-def test_malformed_option_mounts_nothing(request, program, stack, options):
-    known(request, program, options)
+def test_malformed_option_mounts_nothing(program, stack, options):
     opts = f"lowerdir={stack['lower']},upperdir={stack['upper']},workdir={stack['work']}," \
         + options
     proc = subprocess.run([podman_env.program_path(program), "-o", opts, str(stack["mnt"])],
@@ -128,8 +118,7 @@ def test_malformed_option_mounts_nothing(request, program, stack, options):
         rules_for(options)
 
 
-def test_static_nlink(request, program, stack):
-    known(request, program, "static_nlink")
+def test_static_nlink(program, stack):
     for d in ("lower/d/a", "lower/d/b", "upper/u/a"):
         (stack[d.split("/")[0]] / d.split("/", 1)[1]).mkdir(parents=True)
     with mounted(program, stack["lower"], stack["upper"], stack["work"], stack["mnt"],
@@ -144,8 +133,7 @@ OVERRIDES = {".": b"0:0:0755", "secret": b"0:0:0600", "owned": b"1000:1000:0640"
              "d": b"5:6:0700"}
 
 
-def test_override_stat_of_a_force_mask_layer(request, program, stack):
-    known(request, program, "xattr_permissions=2")
+def test_override_stat_of_a_force_mask_layer(program, stack):
     lower = stack["lower"]
     (lower / "d").mkdir()
     for name in ("secret", "owned"):
@@ -189,10 +177,7 @@ def append_as(uid: int, path) -> int:
 
 
 @pytest.mark.parametrize("options", ["", "noacl"])
-def test_acls_are_enforced_unless_noacl(request, program, stack, options):
-    if not options:
-        known(request, program, "", "fuse-unionfs never enforces ACLs (pyfuse3's "
-              "Operations.enable_acl stays off), where fuse-overlayfs does unless noacl")
+def test_acls_are_enforced_unless_noacl(program, stack, options):
     f = stack["lower"] / "acl"
     f.write_text("a")
     os.chmod(f, 0o644)

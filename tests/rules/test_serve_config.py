@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from unionfs.fs.profile import Profile
 from unionfs.serve.config import MountConfig, OptionError, apply_options
 from unionfs.serve.server import fuse_options
 
@@ -54,16 +55,75 @@ def test_missing_or_unknown_fields_are_refused(data):
 
 def test_privileged_servers_ask_for_allow_other_dev_and_suid():
     cfg = MountConfig(lowers=["/l"], upper="/u", work="/w")
-    assert {"allow_other", "dev", "suid"} <= fuse_options(cfg, privileged=True)
-    assert not {"allow_other", "dev", "suid"} & fuse_options(cfg, privileged=False)
+    assert {"allow_other", "dev", "suid"} <= fuse_options(cfg, allow_other=True, dev_suid=True)
+    assert not {"allow_other", "dev", "suid"} & fuse_options(cfg, allow_other=False)
+
+
+def test_root_of_a_user_namespace_asks_for_allow_other_only():
+    """rootless podman runs keep-id containers in a child namespace: FUSE
+    serves them only with allow_other; dev and suid stay real root's."""
+    opts = fuse_options(MountConfig(lowers=["/l"]), allow_other=True, dev_suid=False)
+    assert "allow_other" in opts and not {"dev", "suid"} & opts
+
+
+@pytest.mark.parametrize("caps_admin, init_ns, wanted", [
+    (True, True, (True, True)), (True, False, (True, False)), (False, True, (False, False)),
+    (False, False, (False, False))])
+def test_the_profile_decides_allow_other_by_capability_not_by_namespace(caps_admin, init_ns,
+                                                                        wanted):
+    p = Profile(init_userns=init_ns, sys_admin=caps_admin)
+    assert (p.allow_other, p.dev_suid) == wanted
 
 
 def test_nodev_nosuid_and_a_read_only_stack_are_honoured():
     cfg = MountConfig(lowers=["/l"])
     apply_options(cfg, "nodev,nosuid")
-    opts = fuse_options(cfg, privileged=True)
+    opts = fuse_options(cfg, allow_other=True, dev_suid=True)
     assert "allow_other" in opts and "ro" in opts
     assert not {"dev", "suid"} & opts and {"nodev", "nosuid"} <= opts
+
+
+def test_id_options_are_kept_as_given_and_travel_in_the_json():
+    cfg = apply_options(MountConfig(), "lowerdir=/a,uidmapping=:0:1001:1,gidmapping=:0:1001:1,"
+                        "squash_to_root,xattr_permissions=2,noacl,static_nlink")
+    assert cfg.id_options == {"uidmapping": ":0:1001:1", "gidmapping": ":0:1001:1",
+                              "squash_to_root": None, "xattr_permissions": "2",
+                              "noacl": None, "static_nlink": None}
+    assert MountConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("text, words", [
+    ("uidmapping=0:100", "uidmapping=0:100: not a list of .* triples"),
+    ("gidmapping=a:1:1", "gidmapping=a:1:1: 'a' is not a decimal"),
+    ("squash_to_uid=-1", "'-1' is not a decimal"),
+    ("squash_to_gid", "squash_to_gid needs a value"),
+    ("xattr_permissions=3", "xattr_permissions=3: must be 0, 1 or 2"),
+    ("noacl=1", "noacl takes no value"),
+])
+def test_a_malformed_id_option_is_a_usage_error_at_parse_time(text, words):
+    with pytest.raises(OptionError, match=words):
+        apply_options(MountConfig(), f"lowerdir=/a,{text}")
+
+
+@pytest.mark.parametrize("change", [{"id_options": []}, {"id_options": {"bogus": None}},
+                                    {"id_options": {"noacl": 1}}])
+def test_id_options_of_the_wrong_shape_are_refused_in_the_json(change):
+    data = dict(json.loads(MountConfig().to_json()), **change)
+    with pytest.raises(ValueError, match="mount configuration field"):
+        MountConfig.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize("text, fmt", [("whiteout=userxattr", "userxattr"),
+                                       ("userxattr", "userxattr"),
+                                       ("userxattr,whiteout=userxattr", "userxattr"),
+                                       ("whiteout=kernel", "kernel")])
+def test_the_marker_format_can_be_forced(text, fmt):
+    assert apply_options(MountConfig(), text).whiteout_format == fmt
+
+
+def test_conflicting_marker_formats_are_refused():
+    with pytest.raises(OptionError, match="conflicting marker formats: oci and userxattr"):
+        apply_options(MountConfig(), "whiteout=oci,userxattr")
 
 
 def test_an_unknown_option_is_a_usage_error():
@@ -98,3 +158,14 @@ def test_empty_option_values_are_refused(text, words):
 def test_messages_show_paths_as_they_are_but_on_one_line():
     with pytest.raises(OptionError, match="unknown option 'x=/a\\\\nb'"):
         apply_options(MountConfig(), "x=/a\nb")
+
+
+@pytest.mark.parametrize("text, on", [("noxattrs=1", False), ("noxattrs", False),
+                                      ("noxattrs=0", True), ("", True)])
+def test_noxattrs_turns_xattrs_off(text, on):
+    assert apply_options(MountConfig(), text).xattrs is on
+
+
+def test_noxattrs_takes_0_or_1():
+    with pytest.raises(OptionError, match="noxattrs= must be 0 or 1, not '2'"):
+        apply_options(MountConfig(), "noxattrs=2")

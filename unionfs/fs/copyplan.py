@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 
-from . import copyup
+from . import copyup, whiteout
 from .inodes import Node, layer_tuple
 from .layers import lstat_at
 from .lookup import read_origin
@@ -103,9 +103,19 @@ def make_job(stack: Stack, node: Node, meta_only: bool = False) -> copyup.CopyJo
     devs = (stack.layers[src_layer].dev, stack.layers[UPPER].dev)
     clone_only = kind != copyup.META and stat.S_ISREG(st.st_mode) and st.st_size > 0 \
         and stack.reflinks.expected(devs)
+    extra = {}
+    owners = stack.owners
+    if owners is not None:      # read before any fd is dup'ed: it may fail (EINVAL)
+        meta_layer = UPPER if kind == copyup.DATA else src_layer
+        path = whiteout.entry_path(meta_dir, node.name)
+        extra = {"owner": owners.stored(st, meta_layer, lambda: path),
+                 "override": owners.upper_override,
+                 "xattr_layers": (owners.overrides[meta_layer], owners.upper_override),
+                 "ignore_chown": owners.squashed}
     return copyup.CopyJob(os.dup(src_dir), node.name, os.dup(dst_dir), os.dup(stack.work_fd),
                           st, origin, stack.durable, kind, devs, clone_only,
-                          stack.temp_pool, stack.reflinks, stack.profile.xattr_ns)
+                          stack.temp_pool, stack.reflinks, stack.profile.xattr_ns,
+                          dac_override=stack.profile.dac_override, **extra)
 
 
 def commit(stack: Stack, node: Node, job: copyup.CopyJob) -> None:

@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass
 
 from ..sys import libc
-from . import whiteout
+from . import idmap, whiteout
 from .inodes import pack_origin
 from .workdir import TempPool, remove_tree, temp_name
 
@@ -73,6 +73,20 @@ class CopyJob:
     reflinks: Reflinks | None = None
     xattr_ns: str = "trusted"   # of the origin and metacopy xattrs we write
     result: tuple | None = None  # after run: the copy's own (st_dev, st_ino)
+    # Under id options (fs.owners): the source's stored (uid, gid, mode, rdev)
+    # through its layer's override (None: st's own); the upper's override
+    # xattr name (a directory or regular file then keeps owner and mode
+    # there, and gets its backing mode for real); the (source layer's, the
+    # upper's) override names by which xattr names are translated; whether a
+    # refused chown is no error (squashed owners).
+    owner: tuple | None = None
+    override: bytes | None = None
+    xattr_layers: tuple | None = None
+    ignore_chown: bool = False
+    # CAP_DAC_OVERRIDE: else user xattrs and the rename of a directory need
+    # write permission, so a read-only mode is given after them
+    dac_override: bool = True
+    placed_mode: int | None = None  # set by run: a mode to give only once in place
 
     @property
     def meta_dir(self) -> int:
@@ -84,7 +98,10 @@ class CopyJob:
             os.close(fd)
 
 
-def copy_xattrs(src_path: bytes, dst_path: bytes, follow: bool) -> None:
+def copy_xattrs(src_path: bytes, dst_path: bytes, follow: bool, layers=None) -> None:
+    """Copy the xattrs a caller may see: never markers, our bookkeeping or
+    override records (written by us, if at all). layers: (source layer's,
+    upper's) override names, by which names are translated (fs.idmap)."""
     try:
         names = os.listxattr(src_path, follow_symlinks=follow)
     except OSError as e:
@@ -92,11 +109,19 @@ def copy_xattrs(src_path: bytes, dst_path: bytes, follow: bool) -> None:
             return
         raise
     for xname in names:
-        if whiteout.is_private_xattr(os.fsencode(xname)):
-            continue     # markers, metacopy and origin are written by us, if at all
+        stored = os.fsencode(xname)
+        if whiteout.is_private_xattr(stored):
+            continue
+        if layers is None:
+            target = None if idmap.is_private(stored) else stored
+        else:
+            shown = idmap.shown_xattr_name(stored, layers[0])
+            target = None if shown is None else idmap.stored_xattr_name(shown, layers[1])
+        if target is None:
+            continue
         try:
-            value = os.getxattr(src_path, xname, follow_symlinks=follow)
-            os.setxattr(dst_path, xname, value, follow_symlinks=follow)
+            value = os.getxattr(src_path, stored, follow_symlinks=follow)
+            os.setxattr(dst_path, target, value, follow_symlinks=follow)
         except OSError as e:
             # user.* xattrs are not allowed on symlinks and special files
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENODATA):
@@ -195,19 +220,28 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
 
 
 def _finish_meta(job: CopyJob, tmp: bytes, fd: int | None) -> None:
-    """Owner, then mode (chown clears suid/sgid), then xattrs and times."""
+    """Owner (chown clears suid/sgid), xattrs (user.* ones need write
+    permission without CAP_DAC_OVERRIDE), then mode, then times."""
     st = job.st
     is_link = stat.S_ISLNK(st.st_mode)
     tmp_path = whiteout.entry_path(job.work_dir, tmp)
     src_path = whiteout.entry_path(job.meta_dir, job.name)
-    if fd is not None:
-        os.fchown(fd, st.st_uid, st.st_gid)
-        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    uid, gid, mode, rdev = job.owner or (st.st_uid, st.st_gid, st.st_mode, st.st_rdev)
+    override = job.override if job.override is not None and idmap.applies_to(st.st_mode) \
+        else None
+    if override is None:
+        try:
+            if fd is not None:
+                os.fchown(fd, uid, gid)
+            else:
+                os.chown(tmp, uid, gid, dir_fd=job.work_dir, follow_symlinks=False)
+        except OSError as e:
+            if not job.ignore_chown or e.errno not in (errno.EPERM, errno.EINVAL):
+                raise
+        perm = stat.S_IMODE(mode)
     else:
-        os.chown(tmp, st.st_uid, st.st_gid, dir_fd=job.work_dir, follow_symlinks=False)
-        if not is_link:
-            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=job.work_dir)
-    copy_xattrs(src_path, tmp_path, follow=False)
+        perm = stat.S_IMODE(idmap.backing_mode(st.st_mode))
+    copy_xattrs(src_path, tmp_path, False, job.xattr_layers)
     own = os.fstat(fd) if fd is not None else os.stat(tmp, dir_fd=job.work_dir,
                                                         follow_symlinks=False)
     job.result = (own.st_dev, own.st_ino)
@@ -220,11 +254,34 @@ def _finish_meta(job: CopyJob, tmp: bytes, fd: int | None) -> None:
                 raise
     if job.kind == META:
         os.setxattr(tmp_path, metacopy_xattr(job.xattr_ns), b"", follow_symlinks=False)
+    if override is not None:
+        shown_kind = stat.S_IFMT(mode)
+        other_kind = shown_kind != stat.S_IFMT(st.st_mode)
+        os.setxattr(tmp_path, override, idmap.encode_override(
+            uid, gid, mode, shown_kind if other_kind else None,
+            (os.major(rdev), os.minor(rdev)) if other_kind else None), follow_symlinks=False)
+    if not is_link:
+        if fd is not None:
+            os.fchmod(fd, perm)
+        else:
+            extra = mode_until_placed(job, perm)
+            os.chmod(tmp, perm | extra, dir_fd=job.work_dir)
+            if extra:
+                job.placed_mode = perm
     times = (st.st_atime_ns, st.st_mtime_ns)
     if fd is not None:
         os.utime(fd, ns=times)
     else:
         os.utime(tmp, ns=times, dir_fd=job.work_dir, follow_symlinks=False)
+
+
+def mode_until_placed(job: CopyJob, perm: int) -> int:
+    """Bits a directory's copy keeps until it is renamed into place: moving
+    a directory to another parent needs write permission on it, which only
+    CAP_DAC_OVERRIDE does without."""
+    if job.dac_override or not stat.S_ISDIR(job.st.st_mode) or perm & stat.S_IWUSR:
+        return 0
+    return stat.S_IWUSR
 
 
 def run(job: CopyJob) -> None:
@@ -291,9 +348,24 @@ def _run(job: CopyJob) -> None:
     try:
         # completing a metacopy replaces the upper file; anything else is new there
         flags = 0 if job.kind == DATA else libc.RENAME_NOREPLACE
-        libc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, flags)
+        try:
+            libc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, flags)
+        except PermissionError:
+            if job.dac_override or parent_st.st_mode & stat.S_IWUSR \
+                    or parent_st.st_uid != os.geteuid():
+                raise
+            # a read-only parent of the server's own (its owner may write in
+            # the union what the parent holds): writable for the rename only
+            os.chmod(parent, stat.S_IMODE(parent_st.st_mode) | stat.S_IWUSR)
+            try:
+                libc.renameat2(job.work_dir, tmp, job.dst_dir, job.name, flags)
+            finally:
+                os.chmod(parent, stat.S_IMODE(parent_st.st_mode))
     except BaseException:
         remove_tree(job.work_dir, tmp)
         raise
+    if job.placed_mode is not None:
+        # the real mode last (a crash before this leaves the owner u+w more)
+        os.chmod(job.name, job.placed_mode, dir_fd=job.dst_dir)
     # a copy-up is no change of the parent directory: keep its times, as the kernel does
     os.utime(parent, ns=(parent_st.st_atime_ns, parent_st.st_mtime_ns))

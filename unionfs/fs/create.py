@@ -11,11 +11,12 @@ import os
 import stat
 
 from ..sys import libc
-from . import files, whiteout, workdir
+from . import acl, files, whiteout, workdir
 from .copyplan import require
+from .idmap import backing_mode
 from .inodes import Node
 from .layers import lstat_at
-from .lookup import is_lower_positive, layers_below, name_node, probe, raw_stat
+from .lookup import is_lower_positive, layers_below, name_node, probe, raw_stat, stored_meta
 from .lookup import node_for as node_of
 from .stack import NAME_MAX, OPEN_PASS, ROOT_CALLER, UPPER, Caller, Stack, err
 
@@ -34,17 +35,24 @@ def ensure_absent(stack: Stack, parent: Node, name: bytes) -> None:
 
 
 def owner_for(stack: Stack, parent: Node, caller: Caller, mode: int):
-    """Owner and mode of a new object, with setgid directory inheritance."""
-    pst = raw_stat(stack, parent)
-    gid = caller.gid
-    if pst.st_mode & stat.S_ISGID:
-        gid = pst.st_gid
+    """Owner (as stored) and mode of a new object, with setgid directory
+    inheritance: a setgid parent's stored gid is kept as it is."""
+    owners = stack.owners
+    if owners is None:
+        pst = raw_stat(stack, parent)
+        parent_gid, parent_mode = pst.st_gid, pst.st_mode
+        uid, gid = caller.uid, caller.gid
+    else:
+        _, parent_gid, parent_mode, _ = stored_meta(stack, parent)
+        uid, gid = owners.stored_ids(caller.uid, caller.gid)
+    if parent_mode & stat.S_ISGID:
+        gid = parent_gid
         if stat.S_ISDIR(mode):
             mode |= stat.S_ISGID
     elif (mode & stat.S_ISGID and stat.S_ISREG(mode) and caller.uid != 0
           and gid != caller.gid):
         mode &= ~stat.S_ISGID
-    return caller.uid, gid, mode
+    return uid, gid, mode
 
 
 def new_entry(stack: Stack, parent: Node, name: bytes, kind: int, perm: int, caller: Caller,
@@ -67,7 +75,16 @@ def new_entry(stack: Stack, parent: Node, name: bytes, kind: int, perm: int, cal
     where, wname = (stack.work_fd, workdir.temp_name()) if via_work else (udfd, name)
     fd = None
     try:
-        fd = _make(where, wname, kind, mode, uid, gid, target, rdev, open_flags)
+        if stack.owners is None:
+            fd = _make(where, wname, kind, mode, uid, gid, target, rdev, open_flags)
+        else:
+            fd = _make_owned(stack.owners, where, wname, kind, mode, uid, gid, target, rdev,
+                             open_flags)
+        if kind != stat.S_IFLNK and not stack.id_options.noacl and not (
+                stack.owners is not None and stack.owners.uses_override(kind)):
+            # the parent's default ACL: built in the workdir, the object is out
+            # of its reach; made in place, it got it for its first mode only
+            acl.inherit(whiteout.fd_path(udfd), whiteout.entry_path(where, wname), mode)
         if opaque:
             ofd = libc.openat2(where, wname, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
             try:
@@ -122,6 +139,56 @@ def _make(dirfd, name, kind, mode, uid, gid, target, rdev, open_flags):
     os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
     if kind != stat.S_IFLNK:
         os.chmod(name, perm, dir_fd=dirfd)
+    return fd
+
+
+def _make_owned(owners, dirfd, name, kind, mode, uid, gid, target, rdev, open_flags):
+    """_make under id options (fs.owners): chown errors ignored when owners
+    are squashed; in an upper with an override, a directory or regular file
+    is not chowned but gets the override xattr (written while its real
+    mode is still 0600/0700: a crash never leaves it open to all) and then
+    its backing mode (idmap.backing_mode)."""
+    perm = stat.S_IMODE(mode)
+    override = owners.uses_override(kind)
+    fd = None
+    if kind == stat.S_IFREG:
+        flags = os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        flags |= (open_flags & OPEN_PASS & ~os.O_TRUNC) if open_flags is not None \
+            else os.O_WRONLY
+        fd = os.open(name, flags, 0o600, dir_fd=dirfd)
+        try:
+            if override:
+                owners.write_override(fd, uid, gid, perm)
+                os.fchmod(fd, stat.S_IMODE(backing_mode(kind | perm)))
+            else:
+                owners.chown(os.fchown, fd, uid, gid)
+                os.fchmod(fd, perm)
+        except BaseException:
+            os.close(fd)
+            os.unlink(name, dir_fd=dirfd)
+            raise
+        if open_flags is None:
+            os.close(fd)
+            fd = None
+        return fd
+    if kind == stat.S_IFDIR:
+        os.mkdir(name, 0o700, dir_fd=dirfd)
+    elif kind == stat.S_IFLNK:
+        os.symlink(target, name, dir_fd=dirfd)
+    else:
+        os.mknod(name, kind | 0o600, rdev, dir_fd=dirfd)
+    try:
+        if override:
+            owners.write_override(whiteout.entry_path(dirfd, name), uid, gid, perm)
+            os.chmod(name, stat.S_IMODE(backing_mode(kind | perm)), dir_fd=dirfd)
+            return fd
+        owners.chown(os.chown, name, uid, gid, dir_fd=dirfd, follow_symlinks=False,
+                     special=kind != stat.S_IFDIR)
+        if kind != stat.S_IFLNK:
+            os.chmod(name, perm, dir_fd=dirfd)
+    except BaseException:
+        workdir.remove_tree(dirfd, name)
+        raise
     return fd
 
 

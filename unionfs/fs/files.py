@@ -18,7 +18,7 @@ from .copyplan import require
 from .inodes import Node
 from .layers import list_names
 from .layers import probe as probe_layers
-from .lookup import node_for, raw_stat
+from .lookup import node_for
 from .stack import OPEN_PASS, ROOT_CALLER, UPPER, Stack, err
 
 
@@ -88,12 +88,25 @@ def open_node(stack: Stack, node: Node, flags, caller=ROOT_CALLER) -> int:
 def _kill_suid(stack: Stack, node: Node) -> None:
     """Truncation by an unprivileged caller clears set-id bits, as the
     kernel's do_truncate would; our own truncation runs as root."""
-    mode = stat.S_IMODE(raw_stat(stack, node).st_mode)
+    dfd = stack.upper_dirfd(node.parent)
+    st = os.stat(node.name, dir_fd=dfd, follow_symlinks=False)
+    owners = stack.owners
+    override = owners is not None and owners.uses_override(st.st_mode)
+    if override:
+        path = whiteout.entry_path(dfd, node.name)
+        uid, gid, mode, _ = owners.stored(st, UPPER, lambda: path)
+        mode = stat.S_IMODE(mode)
+    else:
+        mode = stat.S_IMODE(st.st_mode)
     kill = stat.S_ISUID
     if mode & stat.S_IXGRP:
         kill |= stat.S_ISGID
-    if mode & kill:
-        os.chmod(node.name, mode & ~kill, dir_fd=stack.upper_dirfd(node.parent))
+    if not mode & kill:
+        return
+    if override:
+        owners.write_override(path, uid, gid, mode & ~kill)
+    else:
+        os.chmod(node.name, mode & ~kill, dir_fd=dfd)
 
 
 def read(stack: Stack, fh, off, size) -> bytes:

@@ -156,9 +156,32 @@ def raw_stat(stack: Stack, node: Node) -> os.stat_result:
     raise err(errno.ENOENT, node.path())
 
 
+def object_path(stack: Stack, node: Node):
+    """What names node's top object itself for the xattr calls (which take
+    no dirfd; whiteout.xattr_get and friends): a path never to follow, or
+    the fd of an open file whose names are gone."""
+    if node.parent is None:     # the root: its layer's root, by name from that fd
+        return whiteout.entry_path(stack.layers[node.layer].fd, b".")
+    if node.unlinked and node.handles:
+        return node.handles[0].fd
+    return whiteout.entry_path(stack.dirfd(node.parent, node.layer), node.name)
+
+
+def stored_meta(stack: Stack, node: Node, st=None) -> tuple:
+    """(uid, gid, mode, rdev) of node's top object as the layers store it:
+    its lstat, with its layer's override xattr applied (fs.owners)."""
+    if st is None:
+        st = raw_stat(stack, node)
+    owners = stack.owners
+    if owners is None:
+        return st.st_uid, st.st_gid, st.st_mode, st.st_rdev
+    return owners.stored(st, node.layer, lambda: object_path(stack, node))
+
+
 def union_stat(stack: Stack, node: Node, found=None):
     """(stat_result, nlink) of a node as the union shows it; `found`, a
-    fresh probe result for the node, saves a second lstat."""
+    fresh probe result for the node, saves a second lstat. With id options
+    or override layers the stat is a fs.owners.ShownStat."""
     if found is not None and found.layer == node.layer and not node.unlinked:
         st = found.st
     else:
@@ -173,6 +196,8 @@ def union_stat(stack: Stack, node: Node, found=None):
         nlink = 1       # a merged directory, as overlayfs reports it
     else:
         nlink = st.st_nlink
+    if stack.owners is not None:
+        return stack.owners.show(st, nlink, node.layer, lambda: object_path(stack, node))
     return st, nlink
 
 

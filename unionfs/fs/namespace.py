@@ -37,24 +37,39 @@ def whiteout_format(stack: Stack, name: bytes) -> str:
 
 def remove_upper_entry(stack: Stack, parent: Node, name: bytes, needs_whiteout: bool,
                        is_dir: bool) -> None:
+    """Remove parent/name from the upper, leaving a whiteout if needed. A
+    marker that cannot be written fails the operation with nothing changed:
+    a device whiteout replaces the object in one step (RENAME_WHITEOUT) or
+    takes a free name; an OCI one is made beside the object before it goes
+    (it hides only the layers below), and taken back if the removal fails."""
     fmt = whiteout_format(stack, name) if needs_whiteout else stack.fmt
     udfd = stack.upper_dirfd(parent)
     present = lstat_at(udfd, name) is not None
-    if present and needs_whiteout and fmt == whiteout.FORMAT_KERNEL:
+    device = whiteout.device_whiteouts(fmt)
+    if present and needs_whiteout and device:
         # move it out and leave a whiteout in one step
         tmp = workdir.temp_name()
-        libc.renameat2(udfd, name, stack.work_fd, tmp, libc.RENAME_WHITEOUT)
+        whiteout.rename_leaving_whiteout(udfd, name, stack.work_fd, tmp, stack.work_fd,
+                                         workdir.temp_name())
         workdir.remove_tree(stack.work_fd, tmp)
         return
-    if present:
+    if not present:
+        if needs_whiteout:
+            whiteout.make_whiteout(udfd, name, fmt)
+        return
+    made = needs_whiteout and whiteout.make_whiteout(udfd, name, fmt)
+    try:
         if is_dir:
             tmp = workdir.temp_name()
             libc.renameat2(udfd, name, stack.work_fd, tmp, libc.RENAME_NOREPLACE)
-            workdir.remove_tree(stack.work_fd, tmp)
         else:
             os.unlink(name, dir_fd=udfd)
-    if needs_whiteout:
-        whiteout.make_whiteout(udfd, name, fmt)
+    except BaseException:
+        if made:
+            whiteout.remove_oci_whiteout(udfd, name)
+        raise
+    if is_dir:
+        workdir.remove_tree(stack.work_fd, tmp)
 
 
 def unlink(stack: Stack, parent_ino, name) -> None:
@@ -101,13 +116,12 @@ def _is_ancestor(node: Node, other: Node) -> bool:
     return False
 
 
-def _make_opaque(stack: Stack, dirfd: int, name: bytes, node: Node) -> None:
+def _make_opaque(stack: Stack, dirfd: int, name: bytes) -> None:
     fd = libc.openat2(dirfd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         whiteout.make_opaque(fd, stack.fmt)
     finally:
         os.close(fd)
-    node.layers = layer_tuple((UPPER,))
 
 
 def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, flags=0) -> None:
@@ -151,31 +165,55 @@ def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, fla
     src_needs_whiteout = not exchange and is_lower_positive(stack, old_parent, old_name)
     wh_fmt = whiteout_format(stack, old_name) if src_needs_whiteout else stack.fmt
     # a directory arriving where lower layers hold the name must hide them
-    if src_is_dir and is_lower_positive(stack, new_parent, new_name):
-        _make_opaque(stack, old_dfd, old_name, src)
+    # (marked in place first: an upper-only directory marked opaque where it
+    # is shows the same, should the rename then fail)
+    src_opaque = src_is_dir and is_lower_positive(stack, new_parent, new_name)
+    if src_opaque:
+        _make_opaque(stack, old_dfd, old_name)
     if exchange:
-        if dst.kind == stat.S_IFDIR and is_lower_positive(stack, old_parent, old_name):
-            _make_opaque(stack, new_dfd, new_name, dst)
+        dst_opaque = dst.kind == stat.S_IFDIR and is_lower_positive(stack, old_parent, old_name)
+        if dst_opaque:
+            _make_opaque(stack, new_dfd, new_name)
         libc.renameat2(old_dfd, old_name, new_dfd, new_name, libc.RENAME_EXCHANGE)
+        if src_opaque:
+            src.layers = layer_tuple((UPPER,))
+        if dst_opaque:
+            dst.layers = layer_tuple((UPPER,))
         unname(stack, src, old_parent, old_name)
         unname(stack, dst, new_parent, new_name)
         name_node(src, new_parent, new_name)
         name_node(dst, old_parent, old_name)
         return
-    dst_ust = lstat_at(new_dfd, new_name)
-    if dst_ust is not None and stat.S_ISDIR(dst_ust.st_mode):
-        # the upper target may hold whiteouts of its (empty) merged view
-        tmp = workdir.temp_name()
-        libc.renameat2(new_dfd, new_name, stack.work_fd, tmp, libc.RENAME_NOREPLACE)
-        workdir.remove_tree(stack.work_fd, tmp)
-    elif dst_ust is not None and src_is_dir:
-        # a whiteout under the target name: a directory cannot replace it
-        os.unlink(new_name, dir_fd=new_dfd)
-    rflags = libc.RENAME_WHITEOUT if (src_needs_whiteout and
-                                      wh_fmt == whiteout.FORMAT_KERNEL) else 0
-    libc.renameat2(old_dfd, old_name, new_dfd, new_name, rflags)
-    if src_needs_whiteout and not rflags:
-        whiteout.make_whiteout(old_dfd, old_name, wh_fmt)
+    device = src_needs_whiteout and whiteout.device_whiteouts(wh_fmt)
+    # an OCI whiteout sits beside the name it hides: made before the rename,
+    # so that a marker that cannot be written leaves everything as it was
+    made = src_needs_whiteout and not device and whiteout.make_whiteout(old_dfd, old_name,
+                                                                         wh_fmt)
+    moved = None
+    try:
+        dst_ust = lstat_at(new_dfd, new_name)
+        if dst_ust is not None and (stat.S_ISDIR(dst_ust.st_mode) or src_is_dir):
+            # an upper target directory may hold whiteouts of its (empty) merged
+            # view, and a directory cannot replace a whiteout: move it out of
+            # the way, to be removed once the rename is done (or put back)
+            tmp = workdir.temp_name()
+            libc.renameat2(new_dfd, new_name, stack.work_fd, tmp, libc.RENAME_NOREPLACE)
+            moved = tmp
+        if device:
+            whiteout.rename_leaving_whiteout(old_dfd, old_name, new_dfd, new_name,
+                                             stack.work_fd, workdir.temp_name())
+        else:
+            libc.renameat2(old_dfd, old_name, new_dfd, new_name, 0)
+    except BaseException:
+        if moved is not None:
+            libc.renameat2(stack.work_fd, moved, new_dfd, new_name, libc.RENAME_NOREPLACE)
+        if made:
+            whiteout.remove_oci_whiteout(old_dfd, old_name)
+        raise
+    if moved is not None:
+        workdir.remove_tree(stack.work_fd, moved)
+    if src_opaque:
+        src.layers = layer_tuple((UPPER,))
     if stack.fmt == whiteout.FORMAT_OCI and not src_is_dir:
         whiteout.remove_oci_whiteout(new_dfd, new_name)
     if dst is not None:

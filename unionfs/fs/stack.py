@@ -14,8 +14,9 @@ import stat
 from dataclasses import dataclass
 
 from ..sys import libc
-from . import copyup, workdir
+from . import copyup, owners, whiteout, workdir
 from .dircache import DirCache
+from .idmap import IdOptions
 from .inodes import ROOT_INO, Node, NodeTable
 from .layers import Layer
 from .profile import probe as probe_profile
@@ -45,7 +46,7 @@ ROOT_CALLER = Caller()
 
 class Stack:
     def __init__(self, lowers, upper=None, work=None, *, whiteout_format=None,
-                 durable=True, metacopy=False, profile=None):
+                 durable=True, metacopy=False, profile=None, id_options=None):
         if not lowers:
             raise ValueError("at least one lower layer is needed")
         self.layers: list[Layer | None] = [None]
@@ -76,6 +77,13 @@ class Stack:
             # a given profile (tests, a server told what it may do) is not probed
             self.profile = profile or probe_profile(self.work_fd if self.writable else None,
                                                     whiteout_format)
+            # the owner rules (fs.owners; None: nothing to translate)
+            self.id_options = id_options or IdOptions()
+            roots = [None if layer is None else whiteout.fd_path(layer.fd)
+                     for layer in self.layers]
+            self.owners = owners.Owners.build(
+                self.id_options,
+                owners.layer_overrides(roots, self.id_options.xattr_permissions))
         except BaseException:
             self.close()
             raise

@@ -31,15 +31,21 @@ __all__ = ["Attrs", "Caller", "Deferred", "Union"]
 
 class Union:
     def __init__(self, lowers, upper=None, work=None, *, whiteout_format=None,
-                 durable=True, metacopy=False, profile=None):
+                 durable=True, metacopy=False, profile=None, id_options=None):
+        """id_options: fuse-overlayfs's ownership options (fs.idmap.IdOptions)."""
         self.stack = Stack(lowers, upper, work, whiteout_format=whiteout_format,
-                           durable=durable, metacopy=metacopy, profile=profile)
+                           durable=durable, metacopy=metacopy, profile=profile,
+                           id_options=id_options)
 
     # ---- the mount ------------------------------------------------------------
 
     @property
     def profile(self):
         return self.stack.profile
+
+    @property
+    def id_options(self):
+        return self.stack.id_options
 
     @property
     def writable(self) -> bool:

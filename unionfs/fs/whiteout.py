@@ -6,7 +6,11 @@ Reads every form a layer may hold:
   a directory with ``trusted.overlay.opaque=y`` (or ``user.overlay.opaque=y``);
 - OCI image layers: an empty file ``.wh.NAME`` hides NAME in lower layers; a
   file ``.wh..wh..opq`` makes its directory opaque.
-Writes the kernel form (needs CAP_MKNOD and trusted xattrs) or the OCI form.
+Writes one of three forms, chosen at mount by what the server may do
+(fs.profile): the kernel's (char 0/0 whiteouts, ``trusted.overlay.opaque``:
+real root), the kernel's rootless form, what ``mount -t overlay -o userxattr``
+reads in a user namespace (char 0/0 whiteouts, ``user.overlay.opaque``), or
+the OCI form (a plain user without a user namespace).
 
 Everything here works on a directory fd plus a name, never on a path that
 could be resolved through a symlink.
@@ -15,6 +19,8 @@ import errno
 import os
 import stat
 
+from ..sys import libc
+
 WH_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 
@@ -22,7 +28,9 @@ OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 
 FORMAT_KERNEL = "kernel"
+FORMAT_USERXATTR = "userxattr"
 FORMAT_OCI = "oci"
+FORMATS = (FORMAT_KERNEL, FORMAT_USERXATTR, FORMAT_OCI)
 
 # xattrs that belong to the union's own bookkeeping and are never shown
 PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"trusted.unionfs.",
@@ -49,6 +57,34 @@ def entry_path(dirfd: int, name: bytes) -> bytes:
 
 def fd_path(fd: int) -> bytes:
     return b"/proc/self/fd/%d" % fd
+
+
+# xattr calls on an object named by an entry path (never followed) or by an
+# fd of its own (an open file: fgetxattr and friends)
+def xattr_get(target, name) -> bytes:
+    if isinstance(target, int):
+        return os.getxattr(target, name)
+    return os.getxattr(target, name, follow_symlinks=False)
+
+
+def xattr_set(target, name, value: bytes, flags: int = 0) -> None:
+    if isinstance(target, int):
+        os.setxattr(target, name, value, flags)
+    else:
+        os.setxattr(target, name, value, flags, follow_symlinks=False)
+
+
+def xattr_list(target) -> list:
+    if isinstance(target, int):
+        return os.listxattr(target)
+    return os.listxattr(target, follow_symlinks=False)
+
+
+def xattr_remove(target, name) -> None:
+    if isinstance(target, int):
+        os.removexattr(target, name)
+    else:
+        os.removexattr(target, name, follow_symlinks=False)
 
 
 def _has_xattr(path: bytes, names, follow: bool, want: bytes | None = None) -> bool:
@@ -121,15 +157,53 @@ def has_oci_whiteout(dirfd: int, name: bytes) -> bool:
         raise
 
 
-def make_whiteout(dirfd: int, name: bytes, fmt: str) -> None:
-    """Write a marker hiding NAME of lower layers (NAME itself must not exist)."""
-    if fmt == FORMAT_KERNEL:
+def device_whiteouts(fmt: str) -> bool:
+    """Are whiteouts of this format char 0/0 devices (renameat2 can leave one)?"""
+    return fmt != FORMAT_OCI
+
+
+def make_whiteout(dirfd: int, name: bytes, fmt: str) -> bool:
+    """Write a marker hiding NAME of lower layers. A device whiteout takes
+    NAME itself (which must not exist); an OCI one sits beside NAME and may
+    be made first. True if a marker was made, False if an OCI marker was
+    there already (it hid a lower NAME before NAME was made)."""
+    if device_whiteouts(fmt):
         os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dirfd)
-    else:
-        # a .wh.NAME may already be there (it hid a lower NAME before NAME was made)
-        fd = os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600, dir_fd=dirfd)
-        os.close(fd)
+        return True
+    try:
+        fd = os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600, dir_fd=dirfd)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def rename_leaving_whiteout(old_dir: int, old: bytes, new_dir: int, new: bytes,
+                           work_dir: int, temp: bytes) -> None:
+    """rename(old, new) leaving a char 0/0 whiteout at old, in one step:
+    renameat2(RENAME_WHITEOUT), or where the filesystem has no such flag
+    (EINVAL: ramfs, some network filesystems) a whiteout made in the
+    workdir (under `temp`) and exchanged with old, then the object moved on
+    (and exchanged back if that fails)."""
+    try:
+        libc.renameat2(old_dir, old, new_dir, new, libc.RENAME_WHITEOUT)
+        return
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    os.mknod(temp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=work_dir)
+    try:
+        libc.renameat2(work_dir, temp, old_dir, old, libc.RENAME_EXCHANGE)
+    except BaseException:
+        os.unlink(temp, dir_fd=work_dir)
+        raise
+    try:
+        libc.renameat2(work_dir, temp, new_dir, new, 0)
+    except BaseException:
+        libc.renameat2(work_dir, temp, old_dir, old, libc.RENAME_EXCHANGE)
+        os.unlink(temp, dir_fd=work_dir)
+        raise
 
 
 def remove_oci_whiteout(dirfd: int, name: bytes) -> None:
@@ -146,6 +220,8 @@ def make_opaque(dir_fd: int, fmt: str) -> None:
     """Mark the directory open as dir_fd (an O_PATH or O_RDONLY fd) opaque."""
     if fmt == FORMAT_KERNEL:
         os.setxattr(fd_path(dir_fd), OPAQUE_XATTRS[0], b"y")
+    elif fmt == FORMAT_USERXATTR:
+        os.setxattr(fd_path(dir_fd), OPAQUE_XATTRS[1], b"y")
     else:
         # a marker file is bookkeeping, not a change of the directory: keep its times
         path = fd_path(dir_fd)

@@ -122,9 +122,16 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, union: Union, copy_threads: int = 4):
+    def __init__(self, union: Union, copy_threads: int = 4, xattrs: bool = True):
         super().__init__()
         self.u = union
+        # noxattrs=1: xattrs are off (EOPNOTSUPP, not ENOSYS: the kernel would
+        # stop asking, and the server's own stats xattr must stay readable)
+        self.xattrs = xattrs
+        # POSIX ACLs enforced by the kernel (read in pyfuse3's init), as
+        # fuse-overlayfs and the kernel's overlayfs do, unless `noacl` (ACLs
+        # live in xattrs: none without them)
+        self.enable_acl = xattrs and not union.id_options.noacl
         self.counters = Counters()
         self.events = Events()
         self._copier = Copier(union, copy_threads, self.counters, self.events)
@@ -278,19 +285,27 @@ class Operations(pyfuse3.Operations):
             child = name[len(WHICH_XATTR) + 1:] if name[len(WHICH_XATTR):][:1] == b"/" else b""
             if child or name == WHICH_XATTR:
                 return json.dumps(self.u.which_node(inode, child)).encode()
+        self._check_xattrs()
         return self.u.getxattr(inode, name)
 
     @translate_errors
     async def listxattr(self, inode, ctx):
+        self._check_xattrs()
         return self.u.listxattr(inode)
 
     @translate_errors
     async def setxattr(self, inode, name, value, ctx):
+        self._check_xattrs()
         await self._call(self.u.setxattr, inode, name, value)
 
     @translate_errors
     async def removexattr(self, inode, name, ctx):
+        self._check_xattrs()
         await self._call(self.u.removexattr, inode, name)
+
+    def _check_xattrs(self):
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
 
     @translate_errors
     async def access(self, inode, mode, ctx):

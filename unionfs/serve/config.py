@@ -8,6 +8,8 @@ that are not valid UTF-8 survive the trip (surrogateescape, as os gives them).
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from ..fs import idmap
+
 # Generic mount(8) flags: accepted, and passed to the kernel where they mean something.
 GENERIC_FLAGS = {
     "rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -24,12 +26,16 @@ KERNEL_FLAGS = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime
 # fuse-overlayfs options that make no difference here: accepted and ignored,
 # so that a command line written for fuse-overlayfs works unchanged.
 FUSE_OVERLAYFS_IGNORED = {
-    "context", "uidmapping", "gidmapping", "timeout", "threaded", "fast_ino", "writeback",
-    "noxattrs", "plugins", "xattr_permissions", "squash_to_root", "squash_to_uid",
-    "squash_to_gid", "static_nlink", "noacl", "fsync", "x-systemd.automount",
-    "max_read", "fsname", "subtype", "userxattr", "xino", "nfs_export", "index",
+    "context", "timeout", "threaded", "fast_ino", "writeback", "plugins", "fsync",
+    "x-systemd.automount",
+    "max_read", "fsname", "subtype", "xino", "nfs_export", "index",
     "redirect_dir", "uuid", "comment",
 }
+# fuse-overlayfs's ownership and permission options (unionfs.fs.idmap;
+# docs/rootless.md): kept as given, checked at parse time.
+ID_OPTIONS = {"uidmapping", "gidmapping", "squash_to_root", "squash_to_uid", "squash_to_gid",
+              "xattr_permissions", "noacl", "static_nlink"}
+WHITEOUT_FORMATS = ("kernel", "userxattr", "oci")
 # `mount -o x-foo` style comments are always ignored.
 IGNORED_PREFIXES = ("x-", "comment=")
 
@@ -49,8 +55,12 @@ class MountConfig:
     debug: bool = False
     volatile: bool = False
     metacopy: bool = False
-    whiteout_format: str | None = None      # None: kernel form as root, OCI otherwise
+    whiteout_format: str | None = None      # None: what the server may write (fs.profile)
     flags: list = field(default_factory=list)   # kernel mount flags to pass on
+    # fuse-overlayfs's id options as given, {name: text after "=" or None};
+    # the server builds unionfs.fs.idmap.IdOptions from them (idmap.from_options)
+    id_options: dict = field(default_factory=dict)
+    xattrs: bool = True         # False: noxattrs=1, every xattr request is EOPNOTSUPP
 
     def to_json(self) -> str:
         """The config as one line of JSON (never a raw newline: it frames messages)."""
@@ -67,6 +77,10 @@ class MountConfig:
             kind = _FIELD_TYPES[name]
             if kind is list:
                 ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            elif kind is dict:
+                ok = isinstance(value, dict) and all(
+                    k in ID_OPTIONS and (v is None or isinstance(v, str))
+                    for k, v in value.items())
             else:
                 ok = isinstance(value, kind) or (value is None and name in _OPTIONAL)
             if not ok:
@@ -76,7 +90,8 @@ class MountConfig:
 
 _FIELD_TYPES = {"lowers": list, "upper": str, "work": str, "mountpoint": str, "source": str,
                 "foreground": bool, "debug": bool, "volatile": bool, "metacopy": bool,
-                "whiteout_format": str, "flags": list}
+                "whiteout_format": str, "flags": list, "id_options": dict,
+                "xattrs": bool}
 _OPTIONAL = {"upper", "work", "mountpoint", "whiteout_format"}
 
 
@@ -147,9 +162,19 @@ def apply_options(cfg: MountConfig, text: str) -> MountConfig:
                 raise OptionError(f"metacopy= must be 'on' or 'off', not '{shown(value)}'")
             cfg.metacopy = value == "on"
         elif key == "whiteout":
-            if value not in ("kernel", "oci"):
-                raise OptionError(f"whiteout= must be 'kernel' or 'oci', not '{shown(value)}'")
-            cfg.whiteout_format = value
+            if value not in WHITEOUT_FORMATS:
+                raise OptionError("whiteout= must be 'kernel', 'userxattr' or 'oci', "
+                                  f"not '{shown(value)}'")
+            _set_format(cfg, value)
+        elif key == "userxattr" and not eq:
+            _set_format(cfg, "userxattr")
+        elif key == "noxattrs":
+            if value not in ("", "0", "1"):
+                raise OptionError(f"noxattrs= must be 0 or 1, not '{shown(value)}'")
+            cfg.xattrs = value == "0"
+        elif key in ID_OPTIONS:
+            cfg.id_options[key] = value if eq else None
+            check_id_options(cfg.id_options)
         elif key == "debug":
             cfg.debug = True
         elif key == "redirect_dir" and value not in ("", "off", "nofollow", "follow"):
@@ -164,3 +189,18 @@ def apply_options(cfg: MountConfig, text: str) -> MountConfig:
         else:
             raise OptionError(f"unknown option '{shown(item)}'")
     return cfg
+
+
+def _set_format(cfg: MountConfig, fmt: str) -> None:
+    if cfg.whiteout_format not in (None, fmt):
+        raise OptionError(f"conflicting marker formats: {cfg.whiteout_format} and {fmt}")
+    cfg.whiteout_format = fmt
+
+
+def check_id_options(values: dict):
+    """The IdOptions of these raw options (with the default overflow ids),
+    or a usage error saying what is wrong."""
+    try:
+        return idmap.from_options(values)
+    except idmap.IdOptionError as e:
+        raise OptionError(str(e)) from None

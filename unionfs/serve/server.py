@@ -18,6 +18,9 @@ import signal
 import pyfuse3
 import trio
 
+from ..fs import idmap
+from ..fs.owners import OverrideSetupError
+from ..fs.profile import ProfileError
 from ..fs.union import Union
 from ..fuse.ops import Operations
 from .config import MountConfig, shown
@@ -37,12 +40,15 @@ def lock_workdir(work: str) -> int:
     return fd
 
 
-def fuse_options(cfg: MountConfig, privileged: bool) -> set:
-    """The FUSE mount options. `privileged` (the union's profile: real root)
-    decides allow_other, dev and suid, which only real root may ask for."""
+def fuse_options(cfg: MountConfig, allow_other: bool, dev_suid: bool = False) -> set:
+    """The FUSE mount options. From the union's profile: `allow_other`
+    (CAP_SYS_ADMIN in the server's own user namespace: real root, or root
+    of a user namespace, where the kernel serves that namespace and its
+    children), `dev_suid` (real root: device nodes and set-id bits honoured)."""
     opts = {"fsname=" + cfg.source.replace(",", "_"), "subtype=unionfs", "default_permissions"}
-    if privileged:
+    if allow_other:
         opts.add("allow_other")
+    if dev_suid:
         if "nodev" not in cfg.flags:
             opts.add("dev")
         if "nosuid" not in cfg.flags:
@@ -56,12 +62,41 @@ def fuse_options(cfg: MountConfig, privileged: bool) -> set:
     return opts
 
 
+def read_overflow_ids() -> tuple:
+    """The kernel's overflow uid and gid (fuse-overlayfs's owners outside a mapping)."""
+    found = []
+    for path in (idmap.OVERFLOW_UID_FILE, idmap.OVERFLOW_GID_FILE):
+        try:
+            with open(path) as f:
+                found.append(idmap.parse_overflow_id(f.read(), path))
+        except OSError as e:
+            raise MountError(f"cannot read {path}: {e.strerror}") from None
+        except idmap.IdOptionError as e:
+            raise MountError(str(e)) from None
+    return tuple(found)
+
+
+def id_options(cfg: MountConfig) -> idmap.IdOptions:
+    """The mount's IdOptions, with the overflow ids read here when a
+    mapping needs them."""
+    values = cfg.id_options
+    try:
+        if "uidmapping" in values or "gidmapping" in values:
+            return idmap.from_options(values, *read_overflow_ids())
+        return idmap.from_options(values)
+    except idmap.IdOptionError as e:
+        raise MountError(str(e)) from None
+
+
 def open_union(cfg: MountConfig) -> Union:
+    options = id_options(cfg)
     try:
         return Union(cfg.lowers, cfg.upper, cfg.work, whiteout_format=cfg.whiteout_format,
-                     durable=not cfg.volatile, metacopy=cfg.metacopy)
+                     durable=not cfg.volatile, metacopy=cfg.metacopy, id_options=options)
     except OSError as e:
         raise MountError(f"cannot open layers: {e.strerror} ({shown(e.filename)})") from None
+    except (ProfileError, OverrideSetupError) as e:
+        raise MountError(str(e)) from None
 
 
 def serve(cfg: MountConfig, ready, fuse_fd=None, companion=None) -> int:
@@ -85,9 +120,10 @@ def serve(cfg: MountConfig, ready, fuse_fd=None, companion=None) -> int:
         ready(str(e))
         raise
     try:
-        operations = Operations(union)
+        profile = union.profile
+        operations = Operations(union, xattrs=cfg.xattrs)
         pyfuse3.init(operations, cfg.mountpoint if fuse_fd is None else f"/dev/fd/{fuse_fd}",
-                     fuse_options(cfg, union.profile.privileged_mount))
+                     fuse_options(cfg, profile.allow_other, profile.dev_suid))
     except RuntimeError as e:
         union.close()
         if lock_fd is not None:
