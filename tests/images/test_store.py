@@ -275,3 +275,56 @@ def test_prepare_gives_the_runner_layers_config_and_dirs(store):
     assert image.config.run_config == {"Cmd": ["/app"], "Env": ["A=1"]} == c.config
     assert os.listdir(c.upper) == [] and os.listdir(c.work) == []
     assert containers.get(store, "r1").command == ["sh"]
+
+
+class _Hashed:
+    """The caller's side of apply_layer(blob_hash=...): hashes what is read."""
+
+    def __init__(self, data, lie=None):
+        self.raw, self.lie = io.BytesIO(data), lie
+        self.hasher, self.size = dg.hashlib.sha256(), 0
+
+    def read(self, n=-1):
+        data = self.raw.read(n)
+        self.hasher.update(data)
+        self.size += len(data)
+        return data
+
+    def hashed(self):
+        digest, size = "sha256:" + self.hasher.hexdigest(), self.size
+        if self.lie == "digest":
+            return sha(b"other"), size
+        return digest, size + (self.lie == "size")
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_a_blob_hashed_by_the_caller_is_not_hashed_again(store, compression, monkeypatch):
+    blob = compress(BASE, compression)
+    diff_id, blob_digest = sha(BASE), sha(blob)
+    seen = []
+    real = dg.hashlib.sha256
+
+    def counting_sha256(*args):
+        h = real(*args)
+        seen.append(h)
+        return h
+    stream = _Hashed(blob)
+    monkeypatch.setattr(dg.hashlib, "sha256", counting_sha256)
+    info = store.apply_layer(stream, diff_id=diff_id, blob_digest=blob_digest,
+                             blob_size=len(blob), keep_blob=False, blob_hash=stream.hashed)
+    monkeypatch.undo()
+    assert (info.diff_id, info.blob_digest, info.blob_size) == (diff_id, blob_digest, len(blob))
+    assert store.has_layer(diff_id)
+    # one hash for the tar (a gzip blob's diff_id), none for the blob itself
+    assert len(seen) == (1 if compression == "gzip" else 0)
+
+
+@pytest.mark.parametrize("lie", ["digest", "size"])
+def test_a_caller_hash_that_does_not_match_leaves_nothing(store, lie):
+    blob = compress(BASE, "gzip")
+    stream = _Hashed(blob, lie)
+    with pytest.raises((dg.DigestError, StoreError), match="layer blob"):
+        store.apply_layer(stream, diff_id=sha(BASE), blob_digest=sha(blob), blob_size=len(blob),
+                          keep_blob=False, blob_hash=stream.hashed)
+    assert not store.has_layer(sha(BASE))
+    assert litter(store) == []

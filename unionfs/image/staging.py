@@ -121,6 +121,11 @@ class BlobWriter:
             self.discard()
             raise dg.DigestError(f"blob {self.digest} is larger than its {self.size} bytes")
 
+    def hashed(self) -> tuple:
+        """(digest, size) of every byte written so far, the partial's prefix
+        included (apply_layer's blob_hash: the blob is hashed once)."""
+        return "sha256:" + self.hasher.hexdigest(), self.offset
+
     def commit(self) -> str:
         """Verify and move the blob into place; DigestError (and the partial
         removed) if it does not match."""
