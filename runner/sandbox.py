@@ -194,7 +194,7 @@ RESET_SIGNALS = (*BLOCKED_AROUND_FORK, signal.SIGPIPE, signal.SIGXFSZ)
 def _drop_privileges(plan):
     """PID 1 itself becomes the command's user: it needs no privilege after setup."""
     if not plan.rootless:
-        os.setgroups([])
+        os.setgroups(list(plan.groups))  # a user namespace of one gid has no others
     os.setgid(plan.gid)
     os.setuid(plan.uid)
     os.chdir(plan.cwd)

@@ -1,5 +1,6 @@
 """The store on a tmp dir: layers once by diff_id, verification, crash and
 concurrency safety, references, containers, garbage collection. No mount."""
+import hashlib
 import io
 import multiprocessing
 import os
@@ -282,7 +283,7 @@ class _Hashed:
 
     def __init__(self, data, lie=None):
         self.raw, self.lie = io.BytesIO(data), lie
-        self.hasher, self.size = dg.hashlib.sha256(), 0
+        self.hasher, self.size = hashlib.sha256(), 0
 
     def read(self, n=-1):
         data = self.raw.read(n)
@@ -302,14 +303,14 @@ def test_a_blob_hashed_by_the_caller_is_not_hashed_again(store, compression, mon
     blob = compress(BASE, compression)
     diff_id, blob_digest = sha(BASE), sha(blob)
     seen = []
-    real = dg.hashlib.sha256
+    real = hashlib.sha256
 
     def counting_sha256(*args):
         h = real(*args)
         seen.append(h)
         return h
     stream = _Hashed(blob)
-    monkeypatch.setattr(dg.hashlib, "sha256", counting_sha256)
+    monkeypatch.setattr(hashlib, "sha256", counting_sha256)
     info = store.apply_layer(stream, diff_id=diff_id, blob_digest=blob_digest,
                              blob_size=len(blob), keep_blob=False, blob_hash=stream.hashed)
     monkeypatch.undo()

@@ -4,7 +4,6 @@ A digest from outside (a manifest, an index, a file name) is only a claim: it
 is parsed strictly here and compared with what was hashed, never used as a
 path before `parse` accepted it.
 """
-import hashlib
 import re
 
 ALGORITHM = "sha256"
@@ -30,6 +29,7 @@ def is_digest(text: str) -> bool:
 
 
 def of_bytes(data: bytes) -> str:
+    import hashlib  # here, not at the top: OpenSSL's ~3 ms, on unionfs run's path
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -47,6 +47,7 @@ class HashingReader:
     def __init__(self, raw, sink=None, hashing: bool = True):
         self.raw = raw
         self.sink = sink
+        import hashlib
         self.hasher = hashlib.sha256() if hashing else None
         self.size = 0
 
@@ -83,6 +84,7 @@ class HashingWriter:
     """A file-like writer that hashes and counts what passes into `raw`."""
 
     def __init__(self, raw):
+        import hashlib
         self.raw = raw
         self.hasher = hashlib.sha256()
         self.size = 0

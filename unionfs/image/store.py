@@ -38,29 +38,34 @@ A layer is seen by the filesystem and the runner only through LayerSource:
 `diff_id` and `lowerdir()` (a directory to pass as a lower layer). A later
 lazily fetched layer implements the same two members.
 """
+from __future__ import annotations
+
 import json
 import os
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import digest as dg
 from . import formats, tarsplit
 from . import reference as refs_mod
-from .applier import ApplyResult
-from .compression import decompressing_reader, sniff
 from .staging import (  # noqa: F401 - part of this module's API
     BlobWriter,
     Lock,
     PendingLayer,
     StoreError,
+    make_temp_dir,
     may_chown_and_mknod,
     remove_tree,
     write_atomic,
 )
+
+if TYPE_CHECKING:
+    from .applier import ApplyResult
+# The applier (tarfile) and the decompressors are imported where a layer is
+# applied: `unionfs run IMAGE` opens the store and resolves an image only.
 
 STORE_ENV = "UNIONFS_STORE"
 LAYOUT_VERSION = 1
@@ -190,7 +195,7 @@ class Store:
                     self._writing_lock = None
 
     def tmpdir(self, prefix: str) -> str:
-        return tempfile.mkdtemp(dir=self.p("tmp"), prefix=prefix)
+        return make_temp_dir(self.p("tmp"), prefix)
 
     # --- blobs -----------------------------------------------------------------
 
@@ -286,6 +291,7 @@ class Store:
         hashed a second time here. It is called once the stream is drained,
         and its answer is checked as a hash of our own would be, before the
         layer is moved into place."""
+        from .compression import decompressing_reader, sniff
         with self.writing():
             need_blob = keep_blob and (blob_digest is None or not self.has_blob(blob_digest))
             if diff_id is not None and self.has_layer(diff_id) and not need_blob:
