@@ -329,3 +329,22 @@ def test_a_caller_hash_that_does_not_match_leaves_nothing(store, lie):
                           keep_blob=False, blob_hash=stream.hashed)
     assert not store.has_layer(sha(BASE))
     assert litter(store) == []
+
+
+def test_delete_tree_never_follows_a_symlink(tmp_path):
+    from unionfs.image.staging import delete_tree
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    doomed = tmp_path / "doomed"
+    (doomed / "a" / "b").mkdir(parents=True)
+    (doomed / "a" / "b" / "f").write_text("x")
+    (doomed / "a" / "dir-link").symlink_to(outside)
+    (doomed / "a" / "file-link").symlink_to(outside / "keep")
+    os.mkfifo(doomed / "fifo")
+    (doomed / "ro").mkdir()
+    (doomed / "ro" / "f").write_text("x")
+    os.chmod(doomed / "ro", 0o500)
+    delete_tree(str(doomed))
+    assert not doomed.exists()
+    assert (outside / "keep").read_text() == "keep"

@@ -94,13 +94,37 @@ def write_atomic(path: str, data: bytes, durable: bool = True) -> None:
 
 def remove_tree(path: str, trash_dir: str) -> None:
     """Make a directory vanish at once (rename into the trash), then delete it."""
-    import shutil
     dest = make_temp_dir(trash_dir, "del-")
     try:
         os.rename(path, os.path.join(dest, "x"))
     except FileNotFoundError:
         pass
-    shutil.rmtree(dest, ignore_errors=True)
+    delete_tree(dest)
+
+
+def delete_tree(path: str) -> None:
+    """rm -rf, never following a symlink, best effort (what is left, prune
+    collects). shutil.rmtree would do, but its import is on the exit path of
+    every `unionfs run IMAGE` without --name; os.fwalk works on directory fds
+    all the same."""
+    for _, dirs, files, dir_fd in os.fwalk(path, topdown=False):
+        for name in files + dirs:
+            try:
+                try:
+                    os.rmdir(name, dir_fd=dir_fd) if name in dirs else \
+                        os.unlink(name, dir_fd=dir_fd)
+                except NotADirectoryError:      # a symlink to a directory
+                    os.unlink(name, dir_fd=dir_fd)
+                except PermissionError:         # a 0500 dir a rootless container left
+                    os.chmod(dir_fd, 0o700)
+                    os.rmdir(name, dir_fd=dir_fd) if name in dirs else \
+                        os.unlink(name, dir_fd=dir_fd)
+            except OSError:
+                pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 class BlobWriter:
