@@ -348,3 +348,29 @@ def test_delete_tree_never_follows_a_symlink(tmp_path):
     delete_tree(str(doomed))
     assert not doomed.exists()
     assert (outside / "keep").read_text() == "keep"
+
+
+def test_a_container_of_an_image_pruned_meanwhile_is_refused(store):
+    store_image(store, [BASE], ["localhost/base:1"])
+    image = store.resolve("localhost/base:1")       # resolved, then removed before the run
+    gc.remove_image(store, "localhost/base:1")
+    with pytest.raises(StoreError, match="was removed from the store meanwhile"):
+        containers.start(store, image, "localhost/base:1", "late")
+    assert containers.list_all(store) == [] and litter(store) == []
+
+
+def test_a_started_container_is_running_until_finished(store):
+    store_image(store, [BASE], ["localhost/base:1"])
+    image = store.resolve("localhost/base:1")
+    c, lock = containers.start(store, image, "localhost/base:1", "r", ["sh"])
+    got = containers.get(store, "r")
+    assert (got.state, got.pid, got.is_running()) == ("running", os.getpid(), True)
+    with pytest.raises(StoreError, match="container r is running"):
+        containers.remove(store, "r")
+    with pytest.raises(StoreError, match="is used by container r"):
+        gc.remove_image(store, "localhost/base:1")
+    containers.finish(store, c, lock, 7)
+    got = containers.get(store, "r")
+    assert (got.state, got.exit_code, got.is_running()) == ("exited", 7, False)
+    containers.remove(store, "r")
+    assert containers.list_all(store) == []

@@ -180,6 +180,13 @@ def _make(store, image, ref, name, command, running=False, durable=True) -> tupl
                          "starting with a letter or digit)")
     cid = os.urandom(32).hex()
     with store.writing():
+        # No prune runs while we hold writing(): layers here now stay, since
+        # the record below pins them. (The image may have gone since it was
+        # resolved.)
+        missing = [layer.diff_id for layer in image.layers if not store.has_layer(layer.diff_id)]
+        if missing:
+            raise StoreError(f"the image {ref} was removed from the store meanwhile (layer "
+                             f"{missing[0]} is gone)")
         lock = store.lock("meta.lock")
         try:
             taken = {c.name for c in list_all(store)}
