@@ -15,10 +15,10 @@ and process settings, and the container that holds its upper.
   `--name`, removed otherwise.
 
 The layers reach the plan only through the store's LayerSource interface
-(`layer.lowerdir()`), never through paths built here. The image code is
-imported only on this path: `unionfs run --lower` never loads it.
+(`layer.lowerdir()`), never through paths built here. This module imports
+unionfs.image (the store, formats, containers) only inside its functions:
+`unionfs run --lower` never loads it.
 """
-import os
 
 
 class ImageError(Exception):
@@ -146,10 +146,3 @@ def _describe(error):
                f"{error.strerror}"
     return str(error) or type(error).__name__
 
-
-def default_store_path(path=None):
-    """--store, else $UNIONFS_STORE, else the default (unionfs.image.store)."""
-    if path:
-        return os.path.abspath(path)
-    from unionfs.image.store import default_path
-    return default_path()

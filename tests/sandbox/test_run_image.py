@@ -386,3 +386,31 @@ def test_sigkill_of_the_runner_kills_a_container_of_another_user(lower, state_ba
         time.sleep(0.05)
     for leftover in os.listdir(state_base):
         shutil.rmtree(os.path.join(state_base, leftover))
+
+
+def _imports_of(args, state_base):
+    """The modules `unionfs run ARGS` imported (python -X importtime's report)."""
+    result = unionfs("run", *args, env=dict(os.environ, TMPDIR=state_base,
+                                             PYTHONPROFILEIMPORTTIME="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+# What start-up depends on: the image path imports no module that only applying
+# layers, hashing or temporary files need, and the --lower path no image code.
+SLOW_FOR_A_RUN = {"tarfile", "tempfile", "shutil", "hashlib", "unionfs.image.applier",
+                  "unionfs.image.compression", "trio", "httpx"}
+
+
+def test_an_image_run_imports_nothing_it_does_not_need(store, image, state_base):
+    imported = _imports_of(["--store", str(store), "-u", "0:0", "localhost/app:1", "true"],
+                           state_base)
+    assert {"unionfs.image.store", "unionfs.image.containers"} <= imported
+    assert imported & SLOW_FOR_A_RUN == set()
+
+
+def test_a_layer_stack_run_imports_no_image_code(lower, state_base):
+    imported = _imports_of(["--lower", lower, "--", "true"], state_base)
+    assert "runner.plan" in imported
+    assert {m for m in imported if m.startswith("unionfs.image")} == set()

@@ -161,6 +161,8 @@ def _image_plan(args, name, entrypoint, pull, tls_verify, creds, platform, store
     --dry-run, which creates nothing and never pulls)."""
     from runner import image as image_run
 
+    from ..image.digest import DigestError
+    from ..image.formats import FormatError
     from ..image.store import Store, StoreError
     ref, cmd = args[0], list(args[1:])
     if cmd[:1] == ["--"]:
@@ -177,7 +179,7 @@ def _image_plan(args, name, entrypoint, pull, tls_verify, creds, platform, store
             store, r, tls_verify, creds, platform, quiet))
         argv, image_env, image_workdir, image_user = image_run.settings(
             image.config.run_config, entrypoint, cmd, workdir, common["user"])
-    except (image_run.ImageError, StoreError, OSError) as e:
+    except (image_run.ImageError, StoreError, FormatError, DigestError, OSError) as e:
         raise RunFailure(_one_line(e)) from None
     label = f"{ref} ({image.id.split(':')[1][:12]})"
     plan = build_plan(argv, lowers=image_run.layer_dirs(image), workdir=image_workdir,
