@@ -3,7 +3,7 @@
 A server spends most of its start-up importing pyfuse3 and trio (~100 ms,
 more than the runner's whole start-up). `unionfs.cli.main` calls
 `maybe_start()` first thing when its command is `run`: if the command line
-asks for a layer stack, a server process is spawned now
+asks for a layer stack or an image, a server process is spawned now
 (unionfs.serve.process.start_spare) and imports while the runner loads its
 own modules and checks the options. Nothing is mounted or created until the
 runner has a valid plan and its state dir; runner.union then takes the spare
