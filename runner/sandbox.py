@@ -124,7 +124,10 @@ def _keeper(plan, root, parent, terminal):
     if child == 0:
         try:
             os.close(keeper_alive_w)
-            _die_with_parent(0)  # the keeper is outside our PID namespace: ppid 0
+            # The keeper is outside our PID namespace: getppid() is 0 whether it
+            # lives or not, so its pipe tells whether it died before this.
+            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            _exit_if_keeper_gone(keeper_alive)
             status = _init(plan, root, terminal, keeper_alive)
         except BaseException as e:
             say(f"cannot create the container: {_describe(e)}")
@@ -201,12 +204,17 @@ def _die_with_keeper(keeper_alive):
     process's credentials change, so set it again, then make sure the keeper
     did not die before it was set (its pipe would have hung up)."""
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    _exit_if_keeper_gone(keeper_alive)
+    os.close(keeper_alive)
+
+
+def _exit_if_keeper_gone(keeper_alive):
+    """Only the keeper holds the pipe's write end: a hang-up means it is gone."""
     import select
     poller = select.poll()
     poller.register(keeper_alive, select.POLLIN)
     if poller.poll(0):
         os._exit(SETUP_FAILED)
-    os.close(keeper_alive)
 
 
 def _drop_privileges(plan):

@@ -66,8 +66,7 @@ def read_in_root(root, path):
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
-            fd = libc.openat2(root_fd, path.lstrip("/").encode(), os.O_PATH,
-                              resolve=RESOLVE_IN_ROOT | libc.RESOLVE_NO_MAGICLINKS)
+            fd = open_in_root(root_fd, path.lstrip("/").encode(), os.O_PATH)
         except OSError as e:
             if e.errno in (2, 20, 40):  # ENOENT, ENOTDIR, ELOOP: as good as absent
                 return None
@@ -86,6 +85,19 @@ def read_in_root(root, path):
     finally:
         os.close(data_fd)
     return data.decode("utf-8", "replace")
+
+
+def open_in_root(root_fd, path, flags, attempts=100):
+    """openat2(RESOLVE_IN_ROOT). The kernel answers EAGAIN when a rename
+    anywhere on the system raced with a `..` it resolved (it cannot then
+    vouch that `..` stayed inside): try again, as openat2(2) says to."""
+    for attempt in range(attempts):
+        try:
+            return libc.openat2(root_fd, path, flags,
+                                resolve=RESOLVE_IN_ROOT | libc.RESOLVE_NO_MAGICLINKS)
+        except BlockingIOError:
+            if attempt == attempts - 1:
+                raise
 
 
 def _is_regular(fd):

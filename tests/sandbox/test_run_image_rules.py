@@ -203,3 +203,27 @@ def test_find_image_pulls_as_the_policy_says(store):
     with pytest.raises(ImageError, match="cannot be pulled"):
         find_image(store, "0" * 64, "always", pull)
     assert len(pulled) == 2
+
+
+def test_a_dotdot_that_races_with_renames_is_tried_again(root):
+    # openat2(RESOLVE_IN_ROOT) answers EAGAIN for a `..` resolved while any rename
+    # happens on the system; a busy machine made runs fail with "Resource
+    # temporarily unavailable". Renames in a loop beside a `..` link provoke it.
+    import threading
+    (root / "etc" / "group").symlink_to("../etc/../etc/passwd")
+    stop = threading.Event()
+
+    def rename_forever():
+        a, b = root / "ra", root / "rb"
+        a.mkdir()
+        while not stop.is_set():
+            os.rename(a, b)
+            os.rename(b, a)
+    renamer = threading.Thread(target=rename_forever)
+    renamer.start()
+    try:
+        for _ in range(3000):
+            assert read_in_root(str(root), "/etc/group") == "app:x:1:1::/:/bin/sh\n"
+    finally:
+        stop.set()
+        renamer.join()
