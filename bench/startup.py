@@ -10,8 +10,10 @@ once, in turn), median of N rounds:
   install could do), and the runner called in-process (no interpreter start,
   no CLI).
 - end_to_end_time: mount the layers, run, unmount, clean up: `unionfs run
-  --lower`, the same with fuse-overlayfs as the mount program, and podman
-  with fuse-overlayfs as its mount program.
+  --lower`, `unionfs run IMAGE` (the same rootfs as a one-layer image of a
+  store: the store opened, the image resolved, a container record created,
+  locked and removed), the same with fuse-overlayfs as the mount program,
+  and podman with fuse-overlayfs as its mount program.
 
 `measure_startup()` returns one record per timed run:
 {impl, workload: "startup", metric, value, unit: "ms", rep}. A contender whose
@@ -42,6 +44,7 @@ NO_SITE_MAIN = (
     "from unionfs.cli import main; main()").format(paths=[
         sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(__file__))])
 PODMAN_ULIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"]
+IMAGE_NAME = "localhost/startup:latest"
 
 
 def build_busybox_rootfs(root):
@@ -101,6 +104,7 @@ class Setup:
         self.mountpoint = os.path.join(self.dir, "mnt")
         self.mounted = False
         self.skipped = {}
+        self.store = os.path.join(self.dir, "store")
 
     def mount(self):
         for d in ("mnt", "upper", "work"):
@@ -115,6 +119,30 @@ class Setup:
                     self.mountpoint]
         subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)
         self.mounted = True
+
+    def image(self, name=IMAGE_NAME):
+        """The rootfs as a one-layer image (Cmd /bin/true) of the store
+        self.store, put there as a load would (the layer applied from its tar)."""
+        import io
+        import tarfile
+
+        from unionfs.image import formats
+        from unionfs.image.store import Store
+        store = Store.open(self.store)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for entry in sorted(os.listdir(self.lower)):
+                tf.add(os.path.join(self.lower, entry), arcname=entry)
+        info = store.apply_layer(io.BytesIO(buf.getvalue()))
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "config": {"Cmd": ["/bin/true"]},
+                             "rootfs": {"type": "layers", "diff_ids": [info.diff_id]}}).encode()
+        manifest = formats.make_manifest(
+            formats.Descriptor(formats.OCI_CONFIG, store.add_blob_bytes(config), len(config)),
+            [formats.Descriptor(formats.OCI_LAYER_BY_COMPRESSION["none"], info.blob_digest,
+                                info.blob_size)])
+        store.add_image(manifest, [name])
+        return name
 
     def runc_bundle(self):
         bundle = os.path.join(self.dir, "bundle")
@@ -191,6 +219,9 @@ def contenders(setup):
 
     found.append(Contender("unionfs-run", END_TO_END, lambda rep: [
         UNIONFS, "run", "--lower", setup.lower, "--", "/bin/true"]))
+    image = setup.image()
+    found.append(Contender("unionfs-run(image)", END_TO_END, lambda rep: [
+        UNIONFS, "run", "--store", setup.store, image]))
     found.append(Contender("unionfs-run(fuse-overlayfs)", END_TO_END, lambda rep: [
         UNIONFS, "run", "--lower", setup.lower, "--", "/bin/true"],
         env=dict(os.environ, UNIONFS_RUN_MOUNT_PROGRAM="/usr/bin/fuse-overlayfs")))

@@ -34,7 +34,8 @@ class Plan(Record):
     """Everything one run will do; built (and checked) by build_plan()."""
 
     __slots__ = ("argv", "lowers", "upper", "work", "rootfs", "hostname", "env", "cwd",
-                 "uid", "gid", "net", "volumes", "keep", "rootless", "mounts")
+                 "uid", "gid", "groups", "user", "net", "volumes", "keep", "rootless", "mounts",
+                 "image", "container")
     _defaults = {
         "lowers": (),        # top layer first
         "upper": None,       # None: a throwaway upper (and work) dir
@@ -45,11 +46,16 @@ class Plan(Record):
         "cwd": "/",
         "uid": 0,
         "gid": 0,
+        "groups": (),        # supplementary gids
+        "user": None,        # (user, group) still to look up in the container's
+                             # /etc/passwd and /etc/group (runner.users), once mounted
         "net": "none",
         "volumes": (),
         "keep": False,
         "rootless": None,    # None: decided by the caller's capabilities
         "mounts": None,      # the container's mounts (runner.mounts); None: from the above
+        "image": None,       # for describe(): the image the layers are (text)
+        "container": None,   # for describe(): the container whose upper is used (text)
     }
 
     def __init__(self, **values):
@@ -68,17 +74,30 @@ class Plan(Record):
         if self.rootfs is not None:
             lines = [f"root: {self.rootfs}, as it is (no union)"]
         else:
-            upper = (f"upper {self.upper}, work {self.work}" if self.upper
-                     else "a throwaway upper" + (", kept" if self.keep else ""))
-            lines = [f"root: a union of {', '.join(self.lowers)} (top first) with {upper}, "
-                     "served by a unionfs server process at $TMPDIR/unionfs-run-*/root"]
+            if self.container:
+                upper = f"the upper of {self.container}"
+            elif self.upper:
+                upper = f"upper {self.upper}, work {self.work}"
+            else:
+                upper = "a throwaway upper" + (", kept" if self.keep else "")
+            layers = f"the image {self.image}: " if self.image else ""
+            lines = [f"root: a union of {layers}{', '.join(self.lowers)} (top first) with "
+                     f"{upper}, served by a unionfs server process at "
+                     "$TMPDIR/unionfs-run-*/root"]
         namespaces = "mount, pid, uts, ipc" + (", net" if self.net == "none" else "")
         if self.rootless:
             namespaces += f", user (the caller's uid is uid {self.uid} inside)"
         lines.append(f"namespaces: {namespaces}")
         lines += [op.describe() for op in self.mounts]
+        if self.user is not None:
+            spec = ":".join(str(p) for p in self.user if p is not None)
+            who = f"user {spec} (looked up in the container's /etc/passwd and /etc/group)"
+        else:
+            who = f"uid {self.uid}, gid {self.gid}"
+            if self.groups:
+                who += f", groups {','.join(map(str, self.groups))}"
         lines.append(f"hostname {self.hostname}; no_new_privs; the default capabilities; "
-                     f"uid {self.uid}, gid {self.gid}; cwd {self.cwd}")
+                     f"{who}; cwd {self.cwd}")
         lines.append(f"command: {shlex.join(self.argv)}")
         return lines
 
@@ -87,11 +106,23 @@ class Plan(Record):
         return dict(self.env)
 
 
-def parse_env(items, host_env=None):
-    """KEY=VALUE items (KEY alone takes the host's value, as docker does)."""
+def parse_env(items, host_env=None, base=None):
+    """KEY=VALUE items (KEY alone takes the host's value, as docker does).
+
+    They override `base`, an image's Env (KEY=VALUE strings), if given; PATH
+    is the default one only when neither sets it. Without `base` HOME is
+    /root; with one HOME is left to the user's lookup (runner.users)."""
     host_env = os.environ if host_env is None else host_env
-    env = {"PATH": DEFAULT_PATH, "HOME": "/root"}
-    if "TERM" in host_env:
+    if base is None:
+        env = {"PATH": DEFAULT_PATH, "HOME": "/root"}
+    else:
+        env = {}
+        for item in base:
+            key, sep, value = item.partition("=")
+            if key and sep:
+                env[key] = value
+        env.setdefault("PATH", DEFAULT_PATH)
+    if "TERM" in host_env and "TERM" not in env:
         env["TERM"] = host_env["TERM"]
     for item in items:
         key, sep, value = item.partition("=")
@@ -106,18 +137,21 @@ def parse_env(items, host_env=None):
 
 
 def parse_user(spec):
-    """UID[:GID] (numeric; a name would need the image's /etc/passwd)."""
+    """`-u`: (uid, gid, lookup). UID[:GID] numbers are final (lookup None);
+    a name, or a user without a group, is `lookup` = (user, group) for the
+    container's /etc/passwd and /etc/group (runner.users), and uid/gid are
+    placeholders until then."""
     if spec is None:
-        return 0, 0
-    uid_text, _, gid_text = spec.partition(":")
+        return 0, 0, None
+    from .users import needs_lookup, parse_spec
     try:
-        uid = int(uid_text)
-        gid = int(gid_text) if gid_text else 0
-    except ValueError:
-        raise PlanError(f"bad -u {spec!r}: expected numeric UID[:GID]") from None
-    if not (0 <= uid < 2**32 - 1 and 0 <= gid < 2**32 - 1):
-        raise PlanError(f"bad -u {spec!r}: out of range")
-    return uid, gid
+        user, group = parse_spec(spec)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    if not needs_lookup(user, group):
+        return user, group, None
+    return (user if isinstance(user, int) else 0), (group if isinstance(group, int) else 0), \
+        (user, group)
 
 
 def parse_volume(spec, cwd=None):
@@ -152,18 +186,18 @@ def _check_layer_path(path, what):
 
 
 def resolve_lowers(specs):
-    """--lower values -> layer directories, top first.
-
-    The door for images: an image reference will be resolved here into its
-    unpacked layer directories (another issue); today only directories are.
-    """
+    """--lower values (or an image's layers' lowerdir()s) -> layer directories,
+    top first, checked."""
     return tuple(_check_layer_path(_existing_dir(d, "--lower"), "--lower") for d in specs)
 
 
 def build_plan(argv, lowers=(), upper=None, work=None, rootfs=None, hostname="unionfs",
                env=(), workdir="/", user=None, net="none", volumes=(), keep=False,
-               host_env=None, rootless=None):
-    """Check every option and return a Plan, or raise PlanError."""
+               host_env=None, rootless=None, base_env=None, image=None, container=None):
+    """Check every option and return a Plan, or raise PlanError.
+
+    For an image: `lowers` are its layers' dirs, `base_env` its Env (which
+    `env` overrides), `image`/`container` texts for describe()."""
     if not argv:
         raise PlanError("missing command: unionfs run [OPTIONS] -- CMD [ARG ...]")
     if rootfs is not None and lowers:
@@ -188,12 +222,18 @@ def build_plan(argv, lowers=(), upper=None, work=None, rootfs=None, hostname="un
             raise PlanError("--upper and --work must be separate directories")
     if rootfs is not None:
         rootfs = _existing_dir(rootfs, "--rootfs")
-    uid, gid = parse_user(user)
+    if any(not isinstance(a, str) or "\0" in a for a in argv):
+        raise PlanError("bad command: an argument holds a NUL byte")
+    uid, gid, lookup = parse_user(user)
+    environ = parse_env(env, host_env, base_env)
+    if lookup is None and not any(key == "HOME" for key, _ in environ):
+        environ += (("HOME", "/root" if uid == 0 else "/"),)
     kwargs = {}
     if rootless is not None:
         kwargs["rootless"] = rootless
     return Plan(
         argv=tuple(argv), lowers=lowers, upper=upper, work=work, rootfs=rootfs,
-        hostname=hostname, env=parse_env(env, host_env), cwd=os.path.normpath(workdir),
-        uid=uid, gid=gid, net=net, volumes=tuple(parse_volume(v) for v in volumes),
-        keep=keep, **kwargs)
+        hostname=hostname, env=environ, cwd=os.path.normpath(workdir),
+        uid=uid, gid=gid, user=lookup, net=net,
+        volumes=tuple(parse_volume(v) for v in volumes), keep=keep, image=image,
+        container=container, **kwargs)

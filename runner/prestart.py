@@ -3,7 +3,7 @@
 A server spends most of its start-up importing pyfuse3 and trio (~100 ms,
 more than the runner's whole start-up). `unionfs.cli.main` calls
 `maybe_start()` first thing when its command is `run`: if the command line
-asks for a layer stack, a server process is spawned now
+asks for a layer stack or an image, a server process is spawned now
 (unionfs.serve.process.start_spare) and imports while the runner loads its
 own modules and checks the options. Nothing is mounted or created until the
 runner has a valid plan and its state dir; runner.union then takes the spare
@@ -30,29 +30,47 @@ def is_console_run(argv=None):
     return len(argv) > 1 and os.path.basename(argv[0]) == "unionfs" and argv[1] == "run"
 
 
+# Options of `unionfs run` that take a value as the next argument (for the
+# guess below; the `--opt=value` and `-eVALUE` forms are one argument anyway).
+VALUE_OPTIONS = frozenset({
+    "--lower", "--upper", "--work", "--rootfs", "--name", "--entrypoint", "--pull", "--creds",
+    "--platform", "--store", "--hostname", "-e", "--env", "-w", "--workdir", "-u", "--user",
+    "--net", "-v", "--volume"})
+
+
 def wanted(args, environ=None):
     """Will `unionfs run ARGS` mount a union with a unionfs server?
 
-    A quick look at the options, no parsing: a wrong guess only costs (or
-    fails to gain) speed, since the plan is checked as always and a spare
-    nobody takes is discarded.
+    Yes for a layer stack (`--lower`) and for an image (a first argument that
+    is not an option: the server is forked now all the same, and given the
+    image's layers once the runner knows them). A quick look at the
+    options, no parsing: a wrong guess only costs (or fails to gain) speed,
+    since the plan is checked as always and a spare nobody takes is
+    discarded.
     """
     environ = os.environ if environ is None else environ
     if environ.get("UNIONFS_RUN_MOUNT_PROGRAM"):
         return False
     lower = False
+    args = iter(args)
     for arg in args:
         if arg == "--":
-            break
+            following = next(args, None)    # the image, unless --lower came first
+            return lower or (following is not None and not following.startswith("-"))
         if arg in ("--help", "--dry-run") or arg.startswith("--rootfs"):
             return False
         if arg == "--lower" or arg.startswith("--lower="):
             lower = True
+        if not arg.startswith("-"):
+            return True             # the image (or, after --lower, the command)
+        if arg in VALUE_OPTIONS:
+            next(args, None)
     return lower
 
 
 def maybe_start():
-    """Spawn the server-to-be if this process is `unionfs run` on a layer stack."""
+    """Spawn the server-to-be if this process is `unionfs run` on a layer stack
+    or an image."""
     if is_console_run() and wanted(sys.argv[2:]):
         from unionfs.serve import process
         process.start_spare()

@@ -21,6 +21,12 @@ class Record:
     def __setattr__(self, name, value):
         raise AttributeError(f"{type(self).__name__} is read-only")
 
+    def replace(self, **changes):
+        """A copy with some fields changed (checked as a new record would be)."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return type(self)(**values)
+
     def _values(self):
         return tuple(getattr(self, name) for name in self.__slots__)
 

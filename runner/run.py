@@ -46,15 +46,21 @@ def take_back_terminal(terminal):
         signal.signal(signal.SIGTTOU, previous)
 
 
-def execute(plan, announce=None):
+def execute(plan, announce=None, container=None):
     """Run `plan`; return the command's exit status (shell convention).
 
     `announce(message)` receives notices for the user (kept upper dir).
+    `container`, if given (runner.image.ContainerRun), is opened first (it
+    gives the upper and work dirs: `open()` -> {"upper": .., "work": ..,
+    "container": ..}) and closed with the status (None if the command never
+    ran) after the teardown; both with signals held back, so that a
+    container never exists without its run.
     """
     keeper = None
     keeper_reaped = False
     forwarded = []
     interrupted = []
+    status = None
 
     def on_signal(signum, frame):
         if keeper is None:
@@ -73,16 +79,24 @@ def execute(plan, announce=None):
     previous = {}
     stack = None
     terminal = None
+    opened = False
     try:
         # inside the try: a signal right after its handler is set is an Interrupted too
         for signum in sandbox.FORWARDED_SIGNALS:
             previous[signum] = signal.signal(signum, on_signal)
+        if container is not None:
+            with signals_blocked(sandbox.FORWARDED_SIGNALS):
+                changes = container.open()
+                opened = True
+            plan = plan.replace(**changes)
         if plan.rootfs is not None:
             root = plan.rootfs
         else:
             with signals_blocked(sandbox.FORWARDED_SIGNALS):  # no state dir without owner
                 stack = UnionStack(plan)
             root = stack.mount()
+        if plan.user is not None:
+            plan = _look_up_user(plan, root)
         sys.stdout.flush()
         sys.stderr.flush()
         terminal = foreground_terminal()
@@ -91,9 +105,10 @@ def execute(plan, announce=None):
             keeper = sandbox.start(plan, root, terminal)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, sandbox.BLOCKED_AROUND_FORK)
-        _, status = os.waitpid(keeper, 0)
+        _, wait_status = os.waitpid(keeper, 0)
         keeper_reaped = True
-        return sandbox.exit_code_of(status)
+        status = sandbox.exit_code_of(wait_status)
+        return status
     except Interrupted as e:
         return 128 + e.signum
     except UnionError as e:
@@ -108,5 +123,24 @@ def execute(plan, announce=None):
                 sandbox.say(problem)
             if plan.keep and stack.throwaway and not problems and announce:
                 announce(f"kept the upper layer in {stack.upper} (work dir {stack.work})")
+        if opened:
+            with signals_blocked(sandbox.FORWARDED_SIGNALS):
+                for problem in container.close(status if keeper_reaped else None):
+                    sandbox.say(problem)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _look_up_user(plan, root):
+    """The plan with its user's uid, gid, groups (and HOME) from the container's
+    own /etc/passwd and /etc/group, read through the mounted root."""
+    from .users import UserError, resolve_in_root
+    try:
+        uid, gid, groups, home = resolve_in_root(*plan.user, root)
+    except UserError as e:
+        raise RunError(str(e)) from None
+    env = plan.env
+    if not any(key == "HOME" for key, _ in env):
+        env += (("HOME", home or "/"),)
+    return plan.replace(uid=uid, gid=gid, groups=() if plan.rootless else groups, user=None,
+                        env=env)

@@ -118,15 +118,22 @@ def _keeper(plan, root, parent, terminal):
         _write_file("/proc/self/uid_map", f"{plan.uid} {host_uid} 1")
         _write_file("/proc/self/gid_map", f"{plan.gid} {host_gid} 1")
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    # Only the keeper holds the write end: init sees it hang up once the keeper is gone.
+    keeper_alive, keeper_alive_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:
         try:
-            _die_with_parent(0)  # the keeper is outside our PID namespace: ppid 0
-            status = _init(plan, root, terminal)
+            os.close(keeper_alive_w)
+            # The keeper is outside our PID namespace: getppid() is 0 whether it
+            # lives or not, so its pipe tells whether it died before this.
+            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            _exit_if_keeper_gone(keeper_alive)
+            status = _init(plan, root, terminal, keeper_alive)
         except BaseException as e:
             say(f"cannot create the container: {_describe(e)}")
             status = SETUP_FAILED
         os._exit(status)
+    os.close(keeper_alive)
 
     def forward(signum, frame):
         if signum in (KILL_SIGNAL, signal.SIGALRM):
@@ -149,7 +156,7 @@ def _write_file(path, text):
         os.close(fd)
 
 
-def _init(plan, root, terminal):
+def _init(plan, root, terminal, keeper_alive):
     """PID 1: build the root, then start and watch the command."""
     setup_root(plan, root)
     libc.sethostname(plan.hostname)
@@ -161,6 +168,7 @@ def _init(plan, root, terminal):
     except OSError as e:
         say(f"cannot prepare the command: {_describe(e)}")
         return SETUP_FAILED
+    _die_with_keeper(keeper_alive)
     return pid1.run_command(lambda: _spawn_command(plan), FORWARDED_SIGNALS, terminal)
 
 
@@ -191,10 +199,28 @@ def setup_root(plan, root):
 RESET_SIGNALS = (*BLOCKED_AROUND_FORK, signal.SIGPIPE, signal.SIGXFSZ)
 
 
+def _die_with_keeper(keeper_alive):
+    """After a change of user: the kernel clears PR_SET_PDEATHSIG whenever a
+    process's credentials change, so set it again, then make sure the keeper
+    did not die before it was set (its pipe would have hung up)."""
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    _exit_if_keeper_gone(keeper_alive)
+    os.close(keeper_alive)
+
+
+def _exit_if_keeper_gone(keeper_alive):
+    """Only the keeper holds the pipe's write end: a hang-up means it is gone."""
+    import select
+    poller = select.poll()
+    poller.register(keeper_alive, select.POLLIN)
+    if poller.poll(0):
+        os._exit(SETUP_FAILED)
+
+
 def _drop_privileges(plan):
     """PID 1 itself becomes the command's user: it needs no privilege after setup."""
     if not plan.rootless:
-        os.setgroups([])
+        os.setgroups(list(plan.groups))  # a user namespace of one gid has no others
     os.setgid(plan.gid)
     os.setuid(plan.uid)
     os.chdir(plan.cwd)

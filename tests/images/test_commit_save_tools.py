@@ -53,6 +53,8 @@ def write_upper(c, store, tmp_path):
     su = os.path.join(up, "usr", "bin", "su")
     open(su, "w").close()
     os.setxattr(su, "trusted.overlay.whiteout", b"y")
+    # as in the kernel, a directory holding xattr whiteouts says so (opaque=x)
+    os.setxattr(os.path.join(up, "usr", "bin"), "trusted.overlay.opaque", b"x")
     # what is asserted below must really be in the upper
     assert stat.S_ISCHR(os.lstat(os.path.join(up, "etc", "new")).st_mode)
     assert os.getxattr(os.path.join(up, "data", "sub"), "trusted.overlay.opaque") == b"y"

@@ -308,3 +308,65 @@ def test_a_pulled_image_runs(sample, registry, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["top", "0", "new",
                                    "big", "empty", "file", "h1", "h2", "h3", "setgid", "setuid"]
+
+
+def _waits_for_lock(pid, path):
+    """Is process `pid` blocked in flock() on `path`? (/proc/locks lists waiters
+    as `N: -> FLOCK ... PID MAJ:MIN:INODE ...`.)"""
+    ino = os.stat(path).st_ino
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 6 and fields[1] == "->" and fields[5] == str(pid) \
+                    and fields[6].rsplit(":", 1)[-1] == str(ino):
+                return True
+    return False
+
+
+def test_a_prune_during_a_pull_waits_for_it(sample, registry, tmp_path):
+    # A pull stores the config blob, then the layers; only at the end does an
+    # image record refer to them. A prune in between would find them unused.
+    import json
+    import threading
+    layout, _ = sample
+    ref_path = "sample:1"
+    skopeo_push(layout, "gzip", f"{registry.host}/{ref_path}")
+    manifest = json.loads(skopeo("inspect", "--raw", "--tls-verify=false",
+                                 f"docker://{registry.host}/{ref_path}").stdout)
+    layer_digests = {d["digest"] for d in manifest["layers"]}
+    store = tmp_path / "store"
+    reached, release = threading.Event(), threading.Event()
+
+    def hold_layers(method, path, headers):
+        if method == "GET" and path.rsplit("/", 1)[-1] in layer_digests:
+            reached.set()
+            release.wait(60)
+        return None
+    with Proxy(registry.host) as proxy:
+        proxy.rewrite = hold_layers
+        puller = subprocess.Popen([UNIONFS, "pull", "--store", str(store), "--tls-verify=false",
+                                   "-q", f"{proxy.host}/{ref_path}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        pruner = None
+        try:
+            assert reached.wait(30), "the pull never asked for a layer"
+            from unionfs.image.store import Store
+            assert Store.open(str(store)).has_blob(manifest["config"]["digest"])
+            pruner = subprocess.Popen([UNIONFS, "image", "prune", "--store", str(store)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_for(lambda: pruner.poll() is not None
+                     or _waits_for_lock(pruner.pid, store / "locks" / "gc.lock"),
+                     timeout=30, what="the prune to run or to wait")
+            assert pruner.poll() is None, f"the prune did not wait: {pruner.stdout.read()}"
+        finally:
+            release.set()
+            out, err = puller.communicate(timeout=120)
+            if pruner is not None:
+                pruned = pruner.communicate(timeout=120)
+    assert puller.returncode == 0, err
+    assert pruner.returncode == 0, pruned
+    image = Store.open(str(store)).resolve(f"{proxy.host}/{ref_path}")
+    assert image.id == out.strip()
+    s = Store.open(str(store))
+    assert all(s.has_blob(d.digest) for d in (image.manifest.config, *image.manifest.layers))
+    assert all(s.has_layer(layer.diff_id) for layer in image.layers)

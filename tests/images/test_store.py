@@ -1,5 +1,6 @@
 """The store on a tmp dir: layers once by diff_id, verification, crash and
 concurrency safety, references, containers, garbage collection. No mount."""
+import hashlib
 import io
 import multiprocessing
 import os
@@ -275,3 +276,101 @@ def test_prepare_gives_the_runner_layers_config_and_dirs(store):
     assert image.config.run_config == {"Cmd": ["/app"], "Env": ["A=1"]} == c.config
     assert os.listdir(c.upper) == [] and os.listdir(c.work) == []
     assert containers.get(store, "r1").command == ["sh"]
+
+
+class _Hashed:
+    """The caller's side of apply_layer(blob_hash=...): hashes what is read."""
+
+    def __init__(self, data, lie=None):
+        self.raw, self.lie = io.BytesIO(data), lie
+        self.hasher, self.size = hashlib.sha256(), 0
+
+    def read(self, n=-1):
+        data = self.raw.read(n)
+        self.hasher.update(data)
+        self.size += len(data)
+        return data
+
+    def hashed(self):
+        digest, size = "sha256:" + self.hasher.hexdigest(), self.size
+        if self.lie == "digest":
+            return sha(b"other"), size
+        return digest, size + (self.lie == "size")
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_a_blob_hashed_by_the_caller_is_not_hashed_again(store, compression, monkeypatch):
+    blob = compress(BASE, compression)
+    diff_id, blob_digest = sha(BASE), sha(blob)
+    seen = []
+    real = hashlib.sha256
+
+    def counting_sha256(*args):
+        h = real(*args)
+        seen.append(h)
+        return h
+    stream = _Hashed(blob)
+    monkeypatch.setattr(hashlib, "sha256", counting_sha256)
+    info = store.apply_layer(stream, diff_id=diff_id, blob_digest=blob_digest,
+                             blob_size=len(blob), keep_blob=False, blob_hash=stream.hashed)
+    monkeypatch.undo()
+    assert (info.diff_id, info.blob_digest, info.blob_size) == (diff_id, blob_digest, len(blob))
+    assert store.has_layer(diff_id)
+    # one hash for the tar (a gzip blob's diff_id), none for the blob itself
+    assert len(seen) == (1 if compression == "gzip" else 0)
+
+
+@pytest.mark.parametrize("lie", ["digest", "size"])
+def test_a_caller_hash_that_does_not_match_leaves_nothing(store, lie):
+    blob = compress(BASE, "gzip")
+    stream = _Hashed(blob, lie)
+    with pytest.raises((dg.DigestError, StoreError), match="layer blob"):
+        store.apply_layer(stream, diff_id=sha(BASE), blob_digest=sha(blob), blob_size=len(blob),
+                          keep_blob=False, blob_hash=stream.hashed)
+    assert not store.has_layer(sha(BASE))
+    assert litter(store) == []
+
+
+def test_delete_tree_never_follows_a_symlink(tmp_path):
+    from unionfs.image.staging import delete_tree
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    doomed = tmp_path / "doomed"
+    (doomed / "a" / "b").mkdir(parents=True)
+    (doomed / "a" / "b" / "f").write_text("x")
+    (doomed / "a" / "dir-link").symlink_to(outside)
+    (doomed / "a" / "file-link").symlink_to(outside / "keep")
+    os.mkfifo(doomed / "fifo")
+    (doomed / "ro").mkdir()
+    (doomed / "ro" / "f").write_text("x")
+    os.chmod(doomed / "ro", 0o500)
+    delete_tree(str(doomed))
+    assert not doomed.exists()
+    assert (outside / "keep").read_text() == "keep"
+
+
+def test_a_container_of_an_image_pruned_meanwhile_is_refused(store):
+    store_image(store, [BASE], ["localhost/base:1"])
+    image = store.resolve("localhost/base:1")       # resolved, then removed before the run
+    gc.remove_image(store, "localhost/base:1")
+    with pytest.raises(StoreError, match="was removed from the store meanwhile"):
+        containers.start(store, image, "localhost/base:1", "late")
+    assert containers.list_all(store) == [] and litter(store) == []
+
+
+def test_a_started_container_is_running_until_finished(store):
+    store_image(store, [BASE], ["localhost/base:1"])
+    image = store.resolve("localhost/base:1")
+    c, lock = containers.start(store, image, "localhost/base:1", "r", ["sh"])
+    got = containers.get(store, "r")
+    assert (got.state, got.pid, got.is_running()) == ("running", os.getpid(), True)
+    with pytest.raises(StoreError, match="container r is running"):
+        containers.remove(store, "r")
+    with pytest.raises(StoreError, match="is used by container r"):
+        gc.remove_image(store, "localhost/base:1")
+    containers.finish(store, c, lock, 7)
+    got = containers.get(store, "r")
+    assert (got.state, got.exit_code, got.is_running()) == ("exited", 7, False)
+    containers.remove(store, "r")
+    assert containers.list_all(store) == []

@@ -228,7 +228,7 @@ def test_two_containers_at_once_on_the_same_lower(lower, state_base, tmp_path, s
 @pytest.mark.parametrize("args, message", [
     (["--bogus"], "no such option"),
     (["--net", "bridge"], "--net"),
-    (["-u", "root"], "-u"),
+    (["-u", "1:"], "-u"),
     (["-v", "relative-only"], "-v"),
     (["--upper", "/tmp"], "--upper and --work go together"),
     ([], "missing command"),
@@ -257,11 +257,14 @@ def test_rootfs_runs_in_an_existing_tree_without_mounting(lower, state_base):
 # Pure option rules (no kernel).
 
 def test_parse_user():
-    assert parse_user(None) == (0, 0)
-    assert parse_user("1000") == (1000, 0)
-    assert parse_user("1000:100") == (1000, 100)
-    for bad in ("root", "1:x", "-1", ""):
-        with pytest.raises(PlanError):
+    # (uid, gid, what is left to look up in the container's /etc/passwd and /etc/group)
+    assert parse_user(None) == (0, 0, None)
+    assert parse_user("1000:100") == (1000, 100, None)
+    assert parse_user("1000") == (1000, 0, (1000, None))     # the gid is the user's
+    assert parse_user("root") == (0, 0, ("root", None))
+    assert parse_user("1:x") == (1, 0, (1, "x"))
+    for bad in ("-1", "", "1:", ":1", "a b", "4294967295", "a:b:c"):
+        with pytest.raises(PlanError, match="bad -u"):
             parse_user(bad)
 
 

@@ -300,5 +300,6 @@ def test_startup_bench_returns_records_for_every_contender_it_ran():
     ran = {(r["impl"], r["metric"]) for r in records}
     assert ("unionfs-run(in-process)", PREMOUNTED) in ran, notes
     assert ("unionfs-run", END_TO_END) in ran, notes
+    assert ("unionfs-run(image)", END_TO_END) in ran, notes
     assert not [note for note in notes.values() if note.startswith("failed")], notes
     assert "unionfs-run" in format_table(records)

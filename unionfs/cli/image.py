@@ -231,8 +231,10 @@ def ps(show_all, quiet, store_path):
                 continue
             if running:
                 status = "Up"
-            elif c.state in ("exited", "running"):
+            elif c.state == "exited":
                 status = f"Exited ({c.exit_code if c.exit_code is not None else '?'})"
+            elif c.state == "running":
+                status = "Exited (?)"       # its run was killed: nobody holds the lock
             else:
                 status = "Created"
             command = " ".join(c.command or (c.config.get("Entrypoint") or [])
@@ -247,11 +249,13 @@ def ps(show_all, quiet, store_path):
 
 
 @click.command("rm")
-@click.option("-f", "--force", is_flag=True, help="Remove even if it seems to be running.")
+@click.option("-f", "--force", is_flag=True,
+              help="Stop a running one first (SIGTERM to its unionfs run; SIGKILL after 10 s).")
 @click.argument("containers_", metavar="CONTAINER...", nargs=-1, required=True)
 @_store_option
 def rm(force, containers_, store_path):
-    """Remove containers (their upper layers)."""
+    """Remove containers (their upper layers). A running one (its `unionfs run`
+    holds the container's lock) is refused without -f."""
     def go():
         from unionfs.image import containers
         store = _open(store_path)

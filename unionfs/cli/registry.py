@@ -147,9 +147,10 @@ def _run(name, fn, *args, **kwargs):
     """Run an async pull/push; known failures become one line and status 1."""
     import trio
 
-    from ..image import applier, digest, formats, pull, reference, registry, store
+    from ..image import applier, digest, formats, pull, reference, registry, store, tarsplit
     known = (registry.RegistryError, pull.LayerFailed, formats.FormatError, digest.DigestError,
-             store.StoreError, applier.LayerError, reference.ReferenceError, OSError)
+             store.StoreError, applier.LayerError, reference.ReferenceError,
+             tarsplit.TarSplitError, OSError)
     progress = kwargs.get("progress")
     try:
         if hasattr(progress, "__enter__"):

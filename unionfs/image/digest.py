@@ -4,7 +4,6 @@ A digest from outside (a manifest, an index, a file name) is only a claim: it
 is parsed strictly here and compared with what was hashed, never used as a
 path before `parse` accepted it.
 """
-import hashlib
 import re
 
 ALGORITHM = "sha256"
@@ -30,6 +29,7 @@ def is_digest(text: str) -> bool:
 
 
 def of_bytes(data: bytes) -> str:
+    import hashlib  # here, not at the top: OpenSSL's ~3 ms, on unionfs run's path
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -41,18 +41,21 @@ def check(data: bytes, expected: str, what: str = "blob") -> None:
 
 class HashingReader:
     """A file-like reader that hashes (and optionally copies to `sink`)
-    every byte read through it, and counts them."""
+    every byte read through it, and counts them. With hashing=False it only
+    counts (and copies): for bytes someone else hashes as they pass."""
 
-    def __init__(self, raw, sink=None):
+    def __init__(self, raw, sink=None, hashing: bool = True):
         self.raw = raw
         self.sink = sink
-        self.hasher = hashlib.sha256()
+        import hashlib
+        self.hasher = hashlib.sha256() if hashing else None
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
         if data:
-            self.hasher.update(data)
+            if self.hasher is not None:
+                self.hasher.update(data)
             self.size += len(data)
             if self.sink is not None:
                 self.sink.write(data)
@@ -72,6 +75,8 @@ class HashingReader:
 
     @property
     def digest(self) -> str:
+        if self.hasher is None:
+            raise ValueError("this reader only counts: the bytes are hashed elsewhere")
         return "sha256:" + self.hasher.hexdigest()
 
 
@@ -79,6 +84,7 @@ class HashingWriter:
     """A file-like writer that hashes and counts what passes into `raw`."""
 
     def __init__(self, raw):
+        import hashlib
         self.raw = raw
         self.hasher = hashlib.sha256()
         self.size = 0

@@ -5,7 +5,6 @@ Everything read from an image is untrusted: each parser checks types and
 digests and raises FormatError with one line naming the problem.
 """
 import json
-import platform
 from dataclasses import dataclass, field
 
 from . import digest as dg
@@ -172,6 +171,7 @@ class Index:
 
 
 def host_platform() -> tuple[str, str]:
+    import platform
     machine = platform.machine().lower()
     arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
             "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}.get(machine, machine)

@@ -41,33 +41,83 @@ def mount_sources(store, registry: str, repository: str) -> dict:
     return found
 
 
-def _reader(store, digest: str):
-    """read(offset, length) -> a fresh async iterator over the blob's bytes."""
-    import trio
-    path = store.blob_path(digest)
+class _BlobReader:
+    """The store's blob `digest` read in pieces: read(offset, length) gives a
+    fresh async iterator over those bytes. A blob kept as a file is read at
+    any offset; one rebuilt from a layer's tar-split (a docker-archive's
+    uncompressed layer: no file) can only be read in order, so the open
+    reader is reused while the pieces follow each other and opened anew
+    (skipping to the offset) otherwise, e.g. for a retry. Reaching the end
+    checks a rebuilt blob against its digest."""
 
-    def read(offset: int, length: int):
+    def __init__(self, store, digest: str, size: int):
+        self.store, self.digest, self.size = store, digest, size
+        self.file = None
+        self.pos = 0
+
+    def _read(self, n: int) -> bytes:
+        data = self.file.read(n)
+        self.pos += len(data)
+        return data
+
+    def _seek(self, offset: int) -> None:
+        if self.file is not None and self.pos == offset:
+            return
+        self.close()
+        self.file = self.store.open_blob(self.digest)
+        if hasattr(self.file, "seek"):
+            self.file.seek(offset)
+            self.pos = offset
+            return
+        while self.pos < offset:
+            if not self._read(min(READ_SIZE, offset - self.pos)):
+                break
+
+    def _piece(self, offset: int, length: int) -> bytes | None:
+        """Up to READ_SIZE bytes at offset (None: the blob ended early)."""
+        self._seek(offset)
+        data = self._read(min(READ_SIZE, length))
+        if not data:
+            return None
+        if self.pos == self.size:
+            self._read(1)       # the end: a rebuilt blob is checked here
+        return data
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            self.pos = 0
+
+    def __call__(self, offset: int, length: int):
+        import trio
+
         async def chunks():
-            f = await trio.to_thread.run_sync(open, path, "rb")
-            try:
-                await trio.to_thread.run_sync(f.seek, offset)
-                left = length
-                while left:
-                    data = await trio.to_thread.run_sync(f.read, min(READ_SIZE, left))
-                    if not data:
-                        raise RegistryError(f"blob {digest} is shorter in the store than "
-                                            "its descriptor")
-                    left -= len(data)
-                    yield data
-            finally:
-                f.close()
+            pos, left = offset, length
+            while left:
+                data = await trio.to_thread.run_sync(self._piece, pos, left)
+                if data is None:
+                    raise RegistryError(f"blob {self.digest} is shorter in the store than "
+                                        "its descriptor")
+                pos += len(data)
+                left -= len(data)
+                yield data
         return chunks()
-    return read
+
+
+def _reader(store, digest: str, size: int) -> _BlobReader:
+    """The blob's reader for an upload, after checking its size in the store."""
+    have = store.blob_size(digest)
+    if have != size:
+        raise RegistryError(f"blob {digest} has {have} bytes in the store, its descriptor "
+                            f"says {size}")
+    return _BlobReader(store, digest, size)
 
 
 async def push_blob(client: Client, repo: str, store, desc, sources, progress,
                     chunk_size: int | None) -> str:
     """One blob; returns how it got there: exists, mounted or uploaded."""
+    import trio
     scopes = (push_scope(repo),)
     if await client.blob_size(repo, desc.digest, scopes) is not None:
         return "exists"
@@ -82,18 +132,21 @@ async def push_blob(client: Client, repo: str, store, desc, sources, progress,
     chunk = chunk_size
     if minimum and (chunk is None or chunk < minimum) and desc.size > minimum:
         chunk = minimum
-    read = _reader(store, desc.digest)
+    read = await trio.to_thread.run_sync(_reader, store, desc.digest, desc.size)
     on_sent = lambda n: progress.advance(desc.digest, n)  # noqa: E731
     try:
-        await client.upload(repo, desc.digest, desc.size, location, read, chunk, on_sent)
-    except RegistryError as e:
-        if e.status != 413 or chunk:
-            raise
-        # The registry (or a proxy before it) refused the size of one PUT: send
-        # the blob again in PATCH chunks, each well below what was refused.
-        location, _ = await client.start_upload(repo, desc.digest)
-        chunk = min(FALLBACK_CHUNK, max(1 << 20, -(-desc.size // 4)))
-        await client.upload(repo, desc.digest, desc.size, location, read, chunk, on_sent)
+        try:
+            await client.upload(repo, desc.digest, desc.size, location, read, chunk, on_sent)
+        except RegistryError as e:
+            if e.status != 413 or chunk:
+                raise
+            # The registry (or a proxy before it) refused the size of one PUT: send
+            # the blob again in PATCH chunks, each well below what was refused.
+            location, _ = await client.start_upload(repo, desc.digest)
+            chunk = min(FALLBACK_CHUNK, max(1 << 20, -(-desc.size // 4)))
+            await client.upload(repo, desc.digest, desc.size, location, read, chunk, on_sent)
+    finally:
+        read.close()
     return "uploaded"
 
 

@@ -1,17 +1,17 @@
 """What is being built in a store's tmp/ and moved into place: locks, atomic
 small files, resumable blob writers, pending layers. Used through store.py
 (which re-exports every name here); split out only to keep store.py short.
+
+hashlib, shutil, tempfile and the applier are imported where they are used:
+`unionfs run IMAGE` opens the store, creates and removes a container, and
+needs none of them.
 """
 import fcntl
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 
 from . import digest as dg
-from .applier import ApplyResult, apply_tar
 
 CHUNK = 1 << 20
 
@@ -46,10 +46,36 @@ class Lock:
             self.fd = -1
 
 
+_serial = [0]
+
+
+def unique_name(prefix: str) -> str:
+    """A name no other process or call of this one uses (pid, time, a counter)."""
+    _serial[0] += 1
+    return f"{prefix}{os.getpid()}-{time.monotonic_ns()}-{_serial[0]}"
+
+
+def make_temp_dir(parent: str, prefix: str) -> str:
+    """A new 0700 directory under parent (tempfile.mkdtemp without its import)."""
+    while True:
+        path = os.path.join(parent, unique_name(prefix))
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+
+
 def write_atomic(path: str, data: bytes, durable: bool = True) -> None:
     """Write a small file under a temporary name and rename it into place."""
     d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    while True:
+        tmp = os.path.join(d, unique_name(".tmp-"))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            break
+        except FileExistsError:
+            continue
     try:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
@@ -68,12 +94,37 @@ def write_atomic(path: str, data: bytes, durable: bool = True) -> None:
 
 def remove_tree(path: str, trash_dir: str) -> None:
     """Make a directory vanish at once (rename into the trash), then delete it."""
-    dest = tempfile.mkdtemp(dir=trash_dir, prefix="del-")
+    dest = make_temp_dir(trash_dir, "del-")
     try:
         os.rename(path, os.path.join(dest, "x"))
     except FileNotFoundError:
         pass
-    shutil.rmtree(dest, ignore_errors=True)
+    delete_tree(dest)
+
+
+def delete_tree(path: str) -> None:
+    """rm -rf, never following a symlink, best effort (what is left, prune
+    collects). shutil.rmtree would do, but its import is on the exit path of
+    every `unionfs run IMAGE` without --name; os.fwalk works on directory fds
+    all the same."""
+    for _, dirs, files, dir_fd in os.fwalk(path, topdown=False):
+        for name in files + dirs:
+            try:
+                try:
+                    os.rmdir(name, dir_fd=dir_fd) if name in dirs else \
+                        os.unlink(name, dir_fd=dir_fd)
+                except NotADirectoryError:      # a symlink to a directory
+                    os.unlink(name, dir_fd=dir_fd)
+                except PermissionError:         # a 0500 dir a rootless container left
+                    os.chmod(dir_fd, 0o700)
+                    os.rmdir(name, dir_fd=dir_fd) if name in dirs else \
+                        os.unlink(name, dir_fd=dir_fd)
+            except OSError:
+                pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 class BlobWriter:
@@ -99,6 +150,7 @@ class BlobWriter:
         try:
             fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
             self.done = store.has_blob(digest)      # written while we waited
+            import hashlib
             self.hasher = hashlib.sha256()
             self.file.seek(0)
             while chunk := self.file.read(CHUNK):
@@ -120,6 +172,11 @@ class BlobWriter:
         if self.size is not None and self.offset > self.size:
             self.discard()
             raise dg.DigestError(f"blob {self.digest} is larger than its {self.size} bytes")
+
+    def hashed(self) -> tuple:
+        """(digest, size) of every byte written so far, the partial's prefix
+        included (apply_layer's blob_hash: the blob is hashed once)."""
+        return "sha256:" + self.hasher.hexdigest(), self.offset
 
     def commit(self) -> str:
         """Verify and move the blob into place; DigestError (and the partial
@@ -183,8 +240,10 @@ class PendingLayer:
         self.root = os.path.join(self.work, "layer", "diff")
         self.unpacked = False
 
-    def unpack(self, tar_reader, recorder=None) -> ApplyResult:
-        """Apply the uncompressed tar stream (read up to its end marker)."""
+    def unpack(self, tar_reader, recorder=None):
+        """Apply the uncompressed tar stream (read up to its end marker); the
+        applier's ApplyResult."""
+        from .applier import apply_tar
         os.makedirs(self.root, 0o755, exist_ok=True)
         os.chmod(self.root, 0o755)
         root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -221,6 +280,7 @@ class PendingLayer:
                 lock.release()
 
     def close(self) -> None:
+        import shutil
         shutil.rmtree(self.work, ignore_errors=True)
         if self._lock is not None:
             self._lock.release()

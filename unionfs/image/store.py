@@ -38,29 +38,34 @@ A layer is seen by the filesystem and the runner only through LayerSource:
 `diff_id` and `lowerdir()` (a directory to pass as a lower layer). A later
 lazily fetched layer implements the same two members.
 """
+from __future__ import annotations
+
 import json
 import os
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import digest as dg
 from . import formats, tarsplit
 from . import reference as refs_mod
-from .applier import ApplyResult
-from .compression import decompressing_reader, sniff
 from .staging import (  # noqa: F401 - part of this module's API
     BlobWriter,
     Lock,
     PendingLayer,
     StoreError,
+    make_temp_dir,
     may_chown_and_mknod,
     remove_tree,
     write_atomic,
 )
+
+if TYPE_CHECKING:
+    from .applier import ApplyResult
+# The applier (tarfile) and the decompressors are imported where a layer is
+# applied: `unionfs run IMAGE` opens the store and resolves an image only.
 
 STORE_ENV = "UNIONFS_STORE"
 LAYOUT_VERSION = 1
@@ -190,7 +195,7 @@ class Store:
                     self._writing_lock = None
 
     def tmpdir(self, prefix: str) -> str:
-        return tempfile.mkdtemp(dir=self.p("tmp"), prefix=prefix)
+        return make_temp_dir(self.p("tmp"), prefix)
 
     # --- blobs -----------------------------------------------------------------
 
@@ -267,7 +272,7 @@ class Store:
 
     def apply_layer(self, stream, *, diff_id: str | None = None, blob_digest: str | None = None,
                     blob_size: int | None = None, keep_blob: bool = True,
-                    tar_split: bool = False) -> LayerInfo:
+                    tar_split: bool = False, blob_hash=None) -> LayerInfo:
         """Read one layer blob from `stream` once: hash it (and store it as a
         blob if keep_blob), decompress (gzip/zstd/none, from its magic),
         hash the tar (its diff_id) and unpack it, all in one pass. The
@@ -278,7 +283,15 @@ class Store:
         tar_split: an uncompressed blob is kept as a tar-split next to the
         unpacked files instead of a copy (tarsplit.py). Should the split
         not hold, the result has blob_stored=False and the caller must offer
-        the blob again (apply_layer with the same stream content)."""
+        the blob again (apply_layer with the same stream content).
+
+        blob_hash: for a caller that hashes the blob's bytes itself as they
+        pass into `stream` (a pull's BlobWriter), a function returning
+        (digest, size) of all the bytes `stream` gave; they are then not
+        hashed a second time here. It is called once the stream is drained,
+        and its answer is checked as a hash of our own would be, before the
+        layer is moved into place."""
+        from .compression import decompressing_reader, sniff
         with self.writing():
             need_blob = keep_blob and (blob_digest is None or not self.has_blob(blob_digest))
             if diff_id is not None and self.has_layer(diff_id) and not need_blob:
@@ -295,7 +308,7 @@ class Store:
                 blob_file = None
                 recorder = None
                 try:
-                    src = dg.HashingReader(stream)
+                    src = dg.HashingReader(stream, hashing=blob_hash is None)
                     compression, head = sniff(src)
                     if need_blob and tar_split and compression == "none" and not pending.exists:
                         os.makedirs(pending.root, 0o755)
@@ -316,24 +329,31 @@ class Store:
                 finally:
                     if blob_file is not None:
                         blob_file.close()
-                if blob_digest is not None and src.digest != blob_digest:
+                got, got_size = (src.digest, src.size) if blob_hash is None else blob_hash()
+                if got_size != src.size:
+                    raise StoreError(f"layer blob: {got_size} bytes hashed by the caller, "
+                                     f"{src.size} read")
+                if blob_digest is not None and got != blob_digest:
                     raise dg.DigestError(f"layer blob does not match its digest: expected "
-                                         f"{blob_digest}, got {src.digest}")
-                if blob_size is not None and src.size != blob_size:
-                    raise dg.DigestError(f"layer blob {src.digest} has {src.size} bytes, "
+                                         f"{blob_digest}, got {got}")
+                if blob_size is not None and got_size != blob_size:
+                    raise dg.DigestError(f"layer blob {got} has {got_size} bytes, "
                                          f"expected {blob_size}")
+                # an uncompressed blob is its tar: its digest is the diff_id
+                tar_digest, tar_size = ((got, got_size) if tar_hash is src
+                                        else (tar_hash.digest, tar_hash.size))
                 split = False
                 if recorder is not None:
                     split = recorder.finish(os.path.join(pending.work, "layer"))
                     if not split:
                         os.unlink(os.path.join(pending.work, "layer", tarsplit.RAW))
-                applied = pending.commit(tar_hash.digest, tar_hash.size, src.digest, compression,
+                applied = pending.commit(tar_digest, tar_size, got, compression,
                                          tar_split=split)
                 stored = not need_blob or blob_file is not None or (split and applied)
                 if blob_file is not None:
-                    self.adopt_blob(blob_path, src.digest, verified=True)
-            return LayerInfo(tar_hash.digest, tar_hash.size, src.digest, src.size, compression,
-                             applied, result, blob_stored=stored or self.has_blob(src.digest))
+                    self.adopt_blob(blob_path, got, verified=True)
+            return LayerInfo(tar_digest, tar_size, got, got_size, compression,
+                             applied, result, blob_stored=stored or self.has_blob(got))
 
     # blobs kept as a layer's tar-split (uncompressed layers of docker archives)
 

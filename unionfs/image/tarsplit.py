@@ -13,7 +13,6 @@ The recorder gives up (the caller then keeps the blob itself) when a file
 whose contents it references is removed or replaced by a later entry, or
 for sparse members.
 """
-import hashlib
 import json
 import os
 
@@ -118,6 +117,7 @@ class Reader:
         self.raw = open(os.path.join(layer_dir, RAW), "rb")
         self.root = os.open(os.path.join(layer_dir, "diff"), os.O_PATH | os.O_DIRECTORY |
                             os.O_CLOEXEC)
+        import hashlib
         self.hasher = hashlib.sha256()
         self.chunks = self._chunks()
         self.pending = b""

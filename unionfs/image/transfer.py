@@ -74,8 +74,11 @@ def _consume(source: _Source, store, digest: str, size: int, diff_id: str, unpac
     """In a worker thread: the blob into the partial, and into the applier."""
     info = None
     if unpack:
+        # the writer hashes every byte the applier reads (the partial's prefix
+        # when it opened, the rest as _Source appends it): no second hash
         info = store.apply_layer(source, diff_id=diff_id, blob_digest=digest,
-                                 blob_size=size, keep_blob=False)
+                                 blob_size=size, keep_blob=False,
+                                 blob_hash=source.writer.hashed)
     while source.read(READ_SIZE):
         pass
     source.writer.commit()      # checks digest and size; drops the partial if wrong
