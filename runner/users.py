@@ -24,7 +24,6 @@ import re
 
 from unionfs.sys import libc
 
-RESOLVE_IN_ROOT = 0x10  # <linux/openat2.h>; symlinks resolve as if the dir were /
 MAX_FILE = 4 << 20
 MAX_ID = 2**32 - 2      # (uid_t)-1 means "unchanged" to the kernel
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?\Z")
@@ -87,17 +86,10 @@ def read_in_root(root, path):
     return data.decode("utf-8", "replace")
 
 
-def open_in_root(root_fd, path, flags, attempts=100):
-    """openat2(RESOLVE_IN_ROOT). The kernel answers EAGAIN when a rename
-    anywhere on the system raced with a `..` it resolved (it cannot then
-    vouch that `..` stayed inside): try again, as openat2(2) says to."""
-    for attempt in range(attempts):
-        try:
-            return libc.openat2(root_fd, path, flags,
-                                resolve=RESOLVE_IN_ROOT | libc.RESOLVE_NO_MAGICLINKS)
-        except BlockingIOError:
-            if attempt == attempts - 1:
-                raise
+def open_in_root(root_fd, path, flags):
+    """openat2(RESOLVE_IN_ROOT) (libc retries the kernel's EAGAIN)."""
+    return libc.openat2(root_fd, path, flags,
+                        resolve=libc.RESOLVE_IN_ROOT | libc.RESOLVE_NO_MAGICLINKS)
 
 
 def _is_regular(fd):

@@ -26,7 +26,6 @@ from . import reference as refs_mod
 from .compression import decompressing_reader, sniff
 from .store import Store
 
-RESOLVE_IN_ROOT = 0x10
 MAX_LINK_HOPS = 40
 
 
@@ -53,18 +52,11 @@ class _DirSource:
 
     def open(self, rel: str):
         from ..sys import libc
-        for attempt in range(100):
-            try:
-                fd = libc.openat2(self.fd, rel.encode(), os.O_RDONLY,
-                                  resolve=RESOLVE_IN_ROOT | libc.RESOLVE_NO_MAGICLINKS)
-                break
-            except BlockingIOError:
-                # EAGAIN: a rename somewhere raced with a `..`; openat2(2) says retry
-                if attempt == 99:
-                    raise ArchiveError(f"{self.label}: cannot open {rel}: renames kept "
-                                       "racing with its resolution") from None
-            except OSError as e:
-                raise ArchiveError(f"{self.label}: cannot open {rel}: {e.strerror}") from None
+        try:
+            fd = libc.openat2(self.fd, rel.encode(), os.O_RDONLY,
+                              resolve=libc.RESOLVE_IN_ROOT | libc.RESOLVE_NO_MAGICLINKS)
+        except OSError as e:
+            raise ArchiveError(f"{self.label}: cannot open {rel}: {e.strerror}") from None
         return os.fdopen(fd, "rb")
 
     def exists(self, rel: str) -> bool:

@@ -6,6 +6,7 @@ the servers. Each raises OSError(errno) like the os module. libc is opened
 once, by its soname (find_library would fork ldconfig: slow).
 """
 import ctypes
+import errno
 import os
 import struct
 
@@ -20,6 +21,7 @@ RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10     # symlinks and ".." resolve as if the directory were /
 # Inside a layer: never follow a symlink, never step out of the layer root.
 RESOLVE_IN_LAYER = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
@@ -30,14 +32,23 @@ RENAME_WHITEOUT = 4
 FICLONE = 0x40049409
 
 
+OPENAT2_ATTEMPTS = 100
+
+
 def openat2(dirfd: int, path: bytes, flags: int, mode: int = 0,
             resolve: int = RESOLVE_IN_LAYER) -> int:
+    """openat2(2). With RESOLVE_BENEATH or RESOLVE_IN_ROOT the kernel answers
+    EAGAIN when a rename anywhere on the system raced with a `..` it resolved
+    (it cannot vouch the path stayed inside): tried again, as the man page says."""
     how = struct.pack("=QQQ", flags | os.O_CLOEXEC, mode, resolve)
-    fd = _libc.syscall(SYS_openat2, dirfd, path, how, len(how))
-    if fd < 0:
+    for _ in range(OPENAT2_ATTEMPTS):
+        fd = _libc.syscall(SYS_openat2, dirfd, path, how, len(how))
+        if fd >= 0:
+            return fd
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return fd
+        if err != errno.EAGAIN or not resolve & (RESOLVE_BENEATH | RESOLVE_IN_ROOT):
+            break
+    raise OSError(err, os.strerror(err), path)
 
 
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes,
