@@ -158,6 +158,8 @@ def _write_file(path, text):
 
 def _init(plan, root, terminal, keeper_alive):
     """PID 1: build the root, then start and watch the command."""
+    if plan.net == "none":
+        loopback_up()
     setup_root(plan, root)
     libc.sethostname(plan.hostname)
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
@@ -170,6 +172,21 @@ def _init(plan, root, terminal, keeper_alive):
         return SETUP_FAILED
     _die_with_keeper(keeper_alive)
     return pid1.run_command(lambda: _spawn_command(plan), FORWARDED_SIGNALS, terminal)
+
+
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def loopback_up():
+    """Bring `lo` up in the new network namespace (it starts down: 127.0.0.1
+    would be unreachable), as docker's and podman's `--network none` do."""
+    import fcntl
+    import socket
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = fcntl.ioctl(sock, SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
+        flags = struct.unpack("16sH14x", ifreq)[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
 def _limit_capabilities():
