@@ -68,11 +68,6 @@ class Profile:
         """May the mount honour device nodes and set-id bits (real root)?"""
         return self.init_userns and self.sys_admin
 
-    @property
-    def privileged_mount(self) -> bool:
-        """Real root: allow_other with dev and suid."""
-        return self.allow_other and self.dev_suid
-
 
 ROOT_PROFILE = Profile(True, True, True, True, FORMAT_KERNEL, True, True, True)
 UNPRIVILEGED_PROFILE = Profile()
