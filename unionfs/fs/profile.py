@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 from ..sys.capabilities import (
     CAP_CHOWN,
+    CAP_DAC_OVERRIDE,
     CAP_SYS_ADMIN,
     effective_capabilities,
     in_init_user_namespace,
 )
 from .whiteout import FORMAT_KERNEL, FORMAT_OCI, FORMAT_USERXATTR
-
-CAP_DAC_OVERRIDE = 1    # (linux/capability.h; unionfs.sys.capabilities lists only a few)
 
 
 class ProfileError(ValueError):

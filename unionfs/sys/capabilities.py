@@ -6,6 +6,7 @@ the host's mounts and devices stay out of reach), so privilege is read from
 the runner asks at start-up.
 """
 CAP_CHOWN = 0
+CAP_DAC_OVERRIDE = 1
 CAP_SYS_ADMIN = 21
 CAP_MKNOD = 27
 
