@@ -34,8 +34,8 @@ class Plan(Record):
     """Everything one run will do; built (and checked) by build_plan()."""
 
     __slots__ = ("argv", "lowers", "upper", "work", "rootfs", "hostname", "env", "cwd",
-                 "uid", "gid", "groups", "user", "net", "volumes", "keep", "rootless", "mounts",
-                 "image", "container")
+                 "uid", "gid", "groups", "user", "net", "volumes", "keep", "rootless", "id_maps",
+                 "mounts", "image", "container")
     _defaults = {
         "lowers": (),        # top layer first
         "upper": None,       # None: a throwaway upper (and work) dir
@@ -53,6 +53,9 @@ class Plan(Record):
         "volumes": (),
         "keep": False,
         "rootless": None,    # None: decided by the caller's capabilities
+        "id_maps": None,     # rootless: (uid_map, gid_map) of the caller's subordinate
+                             # ids (runner.subids), () for the caller's id alone;
+                             # None: the host's /etc/subuid and /etc/subgid decide
         "mounts": None,      # the container's mounts (runner.mounts); None: from the above
         "image": None,       # for describe(): the image the layers are (text)
         "container": None,   # for describe(): the container whose upper is used (text)
@@ -64,6 +67,12 @@ class Plan(Record):
             # Not real root (CAP_SYS_ADMIN in the initial user namespace): the
             # container gets a user namespace of its own.
             object.__setattr__(self, "rootless", not is_privileged())
+        if self.id_maps is None:
+            maps = ()
+            if self.rootless and self.rootfs is None:
+                from .subids import available_maps
+                maps = available_maps() or ()
+            object.__setattr__(self, "id_maps", maps)
         if self.mounts is None:
             object.__setattr__(self, "mounts",
                                container_mounts(self.rootless, self.net, self.volumes))
@@ -85,7 +94,14 @@ class Plan(Record):
                      f"{upper}, served by a unionfs server process at "
                      "$TMPDIR/unionfs-run-*/root"]
         namespaces = "mount, pid, uts, ipc" + (", net" if self.net == "none" else "")
-        if self.rootless:
+        if self.rootless and self.id_maps:
+            ranges = ", ".join(f"{inside}-{inside + count - 1} are {outside}-"
+                               f"{outside + count - 1}" for inside, outside, count
+                               in self.id_maps[0][1:])
+            lines.append("the runner enters a user namespace of its own first: uid 0 is the "
+                         f"caller's, {ranges} (its subordinate uids; gids alike), and serves "
+                         "the union from inside it")
+        elif self.rootless:
             namespaces += f", user (the caller's uid is uid {self.uid} inside)"
         lines.append(f"namespaces: {namespaces}")
         lines += [op.describe() for op in self.mounts]

@@ -84,6 +84,8 @@ def execute(plan, announce=None, container=None):
         # inside the try: a signal right after its handler is set is an Interrupted too
         for signum in sandbox.FORWARDED_SIGNALS:
             previous[signum] = signal.signal(signum, on_signal)
+        if plan.rootless and plan.id_maps:
+            _enter_subid_namespace(plan)
         if container is not None:
             with signals_blocked(sandbox.FORWARDED_SIGNALS):
                 changes = container.open()
@@ -142,5 +144,21 @@ def _look_up_user(plan, root):
     env = plan.env
     if not any(key == "HOME" for key, _ in env):
         env += (("HOME", home or "/"),)
-    return plan.replace(uid=uid, gid=gid, groups=() if plan.rootless else groups, user=None,
+    single_id = plan.rootless and not plan.id_maps
+    return plan.replace(uid=uid, gid=gid, groups=() if single_id else groups, user=None,
                         env=env)
+
+
+def _enter_subid_namespace(plan):
+    """The runner (and the union server it forks from now on) moves into a
+    user namespace with the caller's subordinate ids (runner.subids). The
+    spare server started at the runner's start lives outside it: it goes."""
+    from unionfs.serve import process
+
+    from .subids import SubidError, enter
+    process.discard_spare()
+    try:
+        enter(*plan.id_maps)
+    except (SubidError, OSError) as e:
+        raise RunError(str(e) if isinstance(e, SubidError) else
+                       f"cannot enter a user namespace: {e.strerror}") from None

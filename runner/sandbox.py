@@ -4,11 +4,13 @@ Process tree (no new interpreter anywhere: Python forks, then one posix_spawn):
 
     runner --fork--> keeper --fork--> init (PID 1) --posix_spawn--> command
 
-- keeper: unshares the namespaces (a user namespace too when rootless), makes
+- keeper: unshares the namespaces (a user namespace too when rootless with one id
+  mapped; with subordinate ids the runner made it already, runner.subids), makes
   every mount private, forks init, forwards signals to it and exits with its
   status. It exists because unshare(CLONE_NEWPID) only puts *children* in
-  the new PID namespace, while the runner must stay in the host's mount
-  namespace to unmount the union afterwards.
+  the new PID namespace, while the runner must stay in the mount namespace
+  where the union is mounted (the host's, or its own with subordinate ids)
+  to unmount it afterwards.
 - init: builds the root (the plan's mount operations, runner.mounts), then
   runs runner.init's PID 1 loop.
 - command: started by init with posix_spawn after init dropped to the
@@ -107,13 +109,14 @@ def _keeper(plan, root, parent, terminal):
     flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC
     if plan.net == "none":
         flags |= libc.CLONE_NEWNET
-    if plan.rootless:
+    single_id = plan.rootless and not plan.id_maps  # else the runner made the user ns
+    if single_id:
         flags |= libc.CLONE_NEWUSER
         # A process that dropped root without exec'ing is not dumpable, and
         # then may not write its own /proc/self/uid_map.
         libc.prctl(libc.PR_SET_DUMPABLE, 1)
     libc.unshare(flags)
-    if plan.rootless:
+    if single_id:
         _write_file("/proc/self/setgroups", "deny")
         _write_file("/proc/self/uid_map", f"{plan.uid} {host_uid} 1")
         _write_file("/proc/self/gid_map", f"{plan.gid} {host_gid} 1")
@@ -236,7 +239,7 @@ def _exit_if_keeper_gone(keeper_alive):
 
 def _drop_privileges(plan):
     """PID 1 itself becomes the command's user: it needs no privilege after setup."""
-    if not plan.rootless:
+    if not plan.rootless or plan.id_maps:
         os.setgroups(list(plan.groups))  # a user namespace of one gid has no others
     os.setgid(plan.gid)
     os.setuid(plan.uid)
