@@ -6,6 +6,9 @@ Interleaved rounds (each round runs every contender once), medians:
   without a daemon (a server started for the mount);
 - podman_run: `podman run --rm IMG true` (root) with fuse-unionfs through
   the daemon against fuse-overlayfs;
+- run_true: `unionfs run --lower ROOTFS -- /bin/true` end to end through
+  the daemon and without it, against `podman run --rm IMG true` with
+  fuse-overlayfs;
 - api_stats: one GET /v1/mounts/ID/stats round trip (the client's
   connect, request, the server's answer through its control socket);
 - daemon memory (VmRSS, KiB) with 20 mounts up, and the servers' median.
@@ -165,6 +168,41 @@ def measure_podman(reps=10, notes=None):
     return records
 
 
+def measure_run(reps=10, notes=None):
+    """`unionfs run --lower ROOTFS -- /bin/true` end to end, through the daemon
+    and with a server of its own, against `podman run --rm IMG true` with
+    fuse-overlayfs (the same busybox tree as its image)."""
+    from .podman import Podman, build_rootfs_tar
+    from .startup import build_busybox_rootfs
+    records = []
+    root = tempfile.mkdtemp(prefix="udr-", dir="/tmp")
+    daemon = _Daemon(root)
+    rootfs = build_busybox_rootfs(os.path.join(root, "rootfs"))
+    podman = Podman("fuse-overlayfs", os.path.join(root, "o"))
+    run = [UNIONFS, "run", "--lower", rootfs, "--", "/bin/true"]
+    contenders = {
+        "unionfs-run-daemon": (run, daemon.env),
+        "unionfs-run": (run, {**os.environ, "UNIONFS_NO_DAEMON": "1"}),
+        "podman(fuse-overlayfs)": (podman.run_argv("true"), podman.env()),
+    }
+    try:
+        podman.load_image(build_rootfs_tar(os.path.join(root, "rootfs.tar")))
+        for argv, env in contenders.values():     # warm caches, first-run set-up
+            subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+        for rep in range(reps):
+            for impl, (argv, env) in contenders.items():
+                daemon.wait_pool(2)
+                start = time.perf_counter()
+                subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+                _record(records, impl, "run_true", _ms(start), "ms", rep)
+    finally:
+        podman.close()
+        daemon.stop()
+        subprocess.run(["rm", "-rf", root])
+    return records
+
+
 def medians(records):
     groups = {}
     for r in records:
@@ -174,7 +212,8 @@ def medians(records):
 
 def format_table(records):
     med = medians(records)
-    peers = {"mount_first_stat": "fuse-overlayfs", "podman_run": "fuse-overlayfs"}
+    peers = {"mount_first_stat": "fuse-overlayfs", "podman_run": "fuse-overlayfs",
+             "run_true": "podman(fuse-overlayfs)"}
     lines = ["| workload | target | median | ratio |", "|---|---|---:|---:|"]
     for (workload, impl), value in sorted(med.items()):
         peer = peers.get(workload)
@@ -194,7 +233,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     records = measure_daemon(args.reps)
     if args.podman:
-        records += measure_podman(args.reps)
+        records += measure_podman(args.reps) + measure_run(args.reps)
     print(json.dumps(records) if args.json else format_table(records))
     return 0
 

@@ -44,7 +44,8 @@ def _images(reps, log):
 
 def _daemon(reps, log):
     from . import daemon
-    records = daemon.measure_daemon(reps) + daemon.measure_podman(reps)
+    records = (daemon.measure_daemon(reps) + daemon.measure_podman(reps)
+               + daemon.measure_run(reps))
     return records, daemon.format_table, {}
 
 

@@ -15,10 +15,12 @@ Not taken (a usage error, --help, --dry-run, an interrupt, the runner called
 in-process), the spare is killed and reaped (process.discard_spare, from the
 command's exit paths and atexit); should the runner die first, the spare
 gets SIGTERM (PR_SET_PDEATHSIG). A spare that is gone when taken only costs
-the speed-up: the runner spawns a server the ordinary way.
+the speed-up: the runner spawns a server the ordinary way. With a daemon
+listening no spare is started: the daemon's pre-started servers serve runs
+too (runner.union).
 
-Only os and sys here (and unionfs.serve.process, which imports no more):
-this runs before anything else.
+Only os and sys here (and unionfs.serve.process and unionfs.daemon.paths,
+which import no more): this runs before anything else.
 """
 import os
 import sys
@@ -71,6 +73,19 @@ def wanted(args, environ=None):
 def maybe_start():
     """Spawn the server-to-be if this process is `unionfs run` on a layer stack
     or an image."""
-    if is_console_run() and wanted(sys.argv[2:]):
+    if is_console_run() and wanted(sys.argv[2:]) and not daemon_listening():
         from unionfs.serve import process
         process.start_spare()
+
+
+def daemon_listening():
+    """Does a daemon's mount socket exist? Then runner.union hands the mount
+    to one of its pre-started servers, and a spare of our own would only
+    take CPU from the start-up (a stale socket only costs that speed-up)."""
+    if os.environ.get("UNIONFS_NO_DAEMON") == "1":
+        return False
+    from unionfs.daemon import paths
+    try:
+        return os.path.exists(paths.mount_socket(paths.default_socket()))
+    except paths.NoRuntimeDir:
+        return False

@@ -96,6 +96,31 @@ class MountWatch:
         self.fds = []
 
 
+class DaemonServer:
+    """The server a daemon gave the mount: not our child, so its exit is
+    watched through a pidfd (process.wait_for_exit), not reaped."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def stop(self, mountpoint, timeout):
+        """As ServerHandle.stop: unmount, then wait for the exit (SIGTERM,
+        then SIGKILL, if it does not come)."""
+        problem = None
+        try:
+            process.unmount_listed(mountpoint)
+        except OSError as e:
+            problem = e
+        for signum, limit in ((signal.SIGTERM, timeout), (signal.SIGKILL, process.KILL_TIMEOUT)):
+            if process.wait_for_exit(self.pid, limit):
+                break
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                break
+        return problem
+
+
 class UnionStack:
     """Mount a Plan's layers at STATE/root; close() undoes everything it did."""
 
@@ -110,7 +135,7 @@ class UnionStack:
             self.work = os.path.join(self.state_dir, "work")
         else:
             self.upper, self.work = plan.upper, plan.work
-        self.server = None      # a process.ServerHandle
+        self.server = None      # a process.ServerHandle, or a DaemonServer
         self.mounted = False
 
     def mount(self):
@@ -124,6 +149,8 @@ class UnionStack:
         from unionfs.serve.config import MountConfig
         cfg = MountConfig(lowers=list(self.plan.lowers), upper=self.upper, work=self.work,
                           mountpoint=self.mountpoint, foreground=True)
+        if not self.plan.id_maps and self._mount_through_daemon(cfg):
+            return self.mountpoint
         os.close(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         # The server is recorded before an interrupt can unwind this frame.
         with signals_blocked():
@@ -147,6 +174,28 @@ class UnionStack:
             raise UnionError(f"mounting the layers failed: {e}") from None
         self.mounted = True
         return self.mountpoint
+
+    def _mount_through_daemon(self, cfg):
+        """Hand the mount to a running daemon's pre-started server (as
+        `unionfs mount` does); False if no daemon answers. Not with
+        subordinate ids: that server must be forked inside their namespace.
+        UNIONFS_NO_DAEMON=1 skips the daemon, as it does for `unionfs mount`."""
+        if os.environ.get("UNIONFS_NO_DAEMON") == "1":
+            return False
+        from unionfs.daemon import client, fusemount
+        from unionfs.serve.validate import MountError
+        try:
+            with signals_blocked():
+                answer = client.mount(cfg)
+                if answer is not None:
+                    self.server = DaemonServer(answer["pid"])
+                    self.mounted = True
+        except (client.DaemonError, fusemount.FuseMountError, MountError) as e:
+            raise UnionError(f"mounting the layers failed: {e}") from None
+        if answer is None:
+            return False
+        process.discard_spare()     # started early in case no daemon would answer
+        return True
 
     def _mount_with_program(self, program):
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
