@@ -83,10 +83,10 @@ def _size(n):
 HEADER = ["MOUNT", "PID", "REQUESTS", "REQ/S", "COPY-UPS", "COPIED", "ERRORS", "NODES", "MEM"]
 
 
-def _table(rows):
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+def _table(rows, header=HEADER):
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in [HEADER, *rows])
+                     for r in [header, *rows])
 
 
 @click.command("stats")
@@ -123,6 +123,50 @@ def stats(mountpoint, no_stream, fmt, socket_path):
             return
         previous, last = dict(rows), now
         time.sleep(1)
+
+
+def mount_rows(socket_path=None):
+    """`unionfs ps --mounts`: every unionfs mount in the caller's mount table
+    (its server answers for itself) and every mount the daemon serves
+    (those in other namespaces too), one row each:
+    (mountpoint, pid, served by, since, layers)."""
+    from ..daemon import client
+    from ..serve.process import UNIONFS_TYPES
+    from ..sys import mountinfo
+    rows = {}
+    for entry in mountinfo.mounts():
+        if entry.fstype in UNIONFS_TYPES:
+            stats = _mount_stats(entry.mount_point) or {}
+            rows[entry.mount_point] = [entry.mount_point, str(stats.get("pid", "?")),
+                                       "own server", _since(stats.get("since")), "-"]
+    try:
+        _, listed = client.api("GET", "/v1/mounts", socket_path=socket_path)
+    except client.NoDaemon:
+        listed = []
+    for m in listed:
+        layers = m.get("layers", {})
+        shown = ":".join(layers.get("lowers", []))
+        shown += f" + {layers['upper']}" if layers.get("upper") else " (read-only)"
+        rows[m["mountpoint"]] = [m["mountpoint"], str(m.get("pid", "?")),
+                                 f"daemon {m.get('id', '?')}", _since(m.get("since")), shown]
+    return list(rows.values())
+
+
+def _since(when):
+    if not isinstance(when, (int, float)):
+        return "?"
+    seconds = max(0, int(time.time() - when))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+MOUNT_HEADER = ["MOUNT", "PID", "SERVED BY", "SINCE", "LAYERS"]
+
+
+def mount_table(rows):
+    return _table(rows, MOUNT_HEADER)
 
 
 @click.command("which")

@@ -219,9 +219,18 @@ def image_prune(all_images, store_path):
 @click.command("ps")
 @click.option("-a", "--all", "show_all", is_flag=True, help="Also containers not running.")
 @click.option("-q", "--quiet", is_flag=True, help="Only container ids.")
+@click.option("-m", "--mounts", "show_mounts", is_flag=True,
+              help="List unionfs mounts instead: this namespace's and the daemon's.")
+@click.option("--socket", "socket_path", metavar="PATH", help="The daemon's API socket.")
 @_store_option
-def ps(show_all, quiet, store_path):
-    """List containers."""
+def ps(show_all, quiet, show_mounts, socket_path, store_path):
+    """List containers (or, with --mounts, unionfs mounts)."""
+    if show_mounts:
+        from . import daemon
+        rows = daemon.mount_rows(socket_path)
+        click.echo("\n".join(r[0] for r in rows) if quiet else daemon.mount_table(rows))
+        return
+
     def go():
         from unionfs.image import containers
         rows = []
