@@ -169,3 +169,32 @@ def test_noxattrs_turns_xattrs_off(text, on):
 def test_noxattrs_takes_0_or_1():
     with pytest.raises(OptionError, match="noxattrs= must be 0 or 1, not '2'"):
         apply_options(MountConfig(), "noxattrs=2")
+
+
+def test_fuse_unionfs_mounts_as_fuse_overlayfs_does_by_default():
+    from unionfs.cli import fuse
+    cfg = fuse.parse(["/mnt", "-o", "lowerdir=/a"])
+    assert (cfg.subtype, cfg.source) == ("fuse-unionfs", "fuse-unionfs")
+    assert {"nodev", "noatime"} <= set(cfg.flags)
+
+
+def test_fuse_unionfs_keeps_the_flags_it_is_given():
+    from unionfs.cli import fuse
+    cfg = fuse.parse(["src", "/mnt", "-o", "lowerdir=/a,dev,relatime"])
+    assert cfg.source == "src"
+    assert {"dev", "relatime"} <= set(cfg.flags) and not {"nodev", "noatime"} & set(cfg.flags)
+
+
+def test_unionfs_mount_keeps_its_own_type():
+    assert MountConfig().subtype == "unionfs"
+
+
+@pytest.mark.parametrize("text", ["subtype=", "subtype=a b", "subtype=x/y", "subtype=" + "s" * 65])
+def test_a_bad_subtype_is_a_usage_error(text):
+    with pytest.raises(OptionError, match="subtype="):
+        apply_options(MountConfig(), "lowerdir=/a," + text)
+
+
+def test_the_subtype_names_the_fuse_type():
+    cfg = apply_options(MountConfig(), "lowerdir=/a,subtype=my-union")
+    assert "subtype=my-union" in fuse_options(cfg, allow_other=False)

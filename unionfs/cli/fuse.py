@@ -28,8 +28,10 @@ ownership (fuse-overlayfs's meaning; see docs/rootless.md):
   xattr_permissions=1|2   keep owners and modes in an override_stat xattr
   noacl   static_nlink   noxattrs=1
 mount flags: rw ro dev nodev suid nosuid exec noexec atime noatime relatime
-  strictatime lazytime sync async dirsync ...; x-* and comment= are ignored, and so
-  are fuse-overlayfs's options that change nothing here.
+  strictatime lazytime sync async dirsync ...; nodev and noatime unless told otherwise,
+  as fuse-overlayfs; x-* and comment= are ignored, and so are fuse-overlayfs's options
+  that change nothing here.
+  subtype=NAME          the mount's type is fuse.NAME (default fuse.fuse-unionfs)
 other: -f  stay in the foreground;  -d  log every request (implies -f);
   -V, --version;  -h, --help.  The manual page: man fuse-unionfs.
 """
@@ -43,7 +45,9 @@ def _version() -> str:
 def parse(argv):
     """argv -> MountConfig; exits for --help and --version; OptionError if wrong."""
     from ..serve.config import MountConfig, OptionError, apply_options
-    cfg = MountConfig()
+    # fuse-overlayfs's defaults: type fuse.fuse-overlayfs (here fuse.fuse-unionfs,
+    # so `findmnt -t` and `umount -t` find it), source its name, nodev, noatime
+    cfg = MountConfig(source="fuse-unionfs", subtype="fuse-unionfs")
     positional = []
     it = iter(argv)
     for arg in it:
@@ -75,6 +79,10 @@ def parse(argv):
         cfg.mountpoint = positional[0]
     else:
         raise OptionError("expected [SOURCE] MOUNTPOINT")
+    if not {"dev", "nodev"} & set(cfg.flags):
+        cfg.flags.append("nodev")
+    if not {"atime", "noatime", "relatime", "strictatime"} & set(cfg.flags):
+        cfg.flags.append("noatime")
     return cfg
 
 

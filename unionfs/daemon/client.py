@@ -95,7 +95,7 @@ def mount(cfg, socket_path=None):
             named[key + "ns"] = len(fds)
             fds.append(os.open(f"/proc/self/ns/{key}", os.O_RDONLY | os.O_CLOEXEC))
         flags, options = fuse_mount_options(cfg)
-        fuse_fd = fusemount.mount(cfg.mountpoint, cfg.source, "unionfs", flags, options)
+        fuse_fd = fusemount.mount(cfg.mountpoint, cfg.source, cfg.subtype, flags, options)
         named["fuse"] = len(fds)
         fds.append(fuse_fd)
         request = {"op": "mount", "config": cfg.to_json(), "fds": named,

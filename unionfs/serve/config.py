@@ -51,6 +51,7 @@ class MountConfig:
     work: str | None = None
     mountpoint: str | None = None
     source: str = "unionfs"
+    subtype: str = "unionfs"        # the mount's type is fuse.SUBTYPE
     foreground: bool = False
     debug: bool = False
     volatile: bool = False
@@ -89,6 +90,7 @@ class MountConfig:
 
 
 _FIELD_TYPES = {"lowers": list, "upper": str, "work": str, "mountpoint": str, "source": str,
+                "subtype": str,
                 "foreground": bool, "debug": bool, "volatile": bool, "metacopy": bool,
                 "whiteout_format": str, "flags": list, "id_options": dict,
                 "xattrs": bool}
@@ -157,6 +159,11 @@ def apply_options(cfg: MountConfig, text: str) -> MountConfig:
                 cfg.work = value
         elif key == "volatile":
             cfg.volatile = True
+        elif key == "subtype" and eq:
+            if not value or len(value) > 64 or not all(c.isalnum() or c in "._-" for c in value):
+                raise OptionError(f"subtype= must be a name of letters, digits, '.', '_' or "
+                                  f"'-', not '{shown(value)}'")
+            cfg.subtype = value
         elif key == "metacopy":
             if value not in ("on", "off"):
                 raise OptionError(f"metacopy= must be 'on' or 'off', not '{shown(value)}'")

@@ -45,7 +45,8 @@ def fuse_options(cfg: MountConfig, allow_other: bool, dev_suid: bool = False) ->
     (CAP_SYS_ADMIN in the server's own user namespace: real root, or root
     of a user namespace, where the kernel serves that namespace and its
     children), `dev_suid` (real root: device nodes and set-id bits honoured)."""
-    opts = {"fsname=" + cfg.source.replace(",", "_"), "subtype=unionfs", "default_permissions"}
+    opts = {"fsname=" + cfg.source.replace(",", "_"), "subtype=" + cfg.subtype,
+            "default_permissions"}
     if allow_other:
         opts.add("allow_other")
     if dev_suid:
