@@ -5,7 +5,6 @@ import os
 import subprocess
 
 from mountutil import FUSE_UNIONFS, unionfs_mount
-
 from unionfs.sys import mountinfo
 
 
