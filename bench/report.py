@@ -3,6 +3,8 @@
 Ratios are per metric: median of an implementation divided by the median of
 kernel overlayfs (and of fuse-overlayfs) from the same run; below 1 is faster.
 One chart per configuration and workload group, ratios to the kernel as bars.
+The FUSE request ledger (`fuse_requests` records) gets a section of its own:
+requests per workload and target, and per opcode the count and mean time.
 """
 import collections
 import json
@@ -11,7 +13,8 @@ import os
 import statistics
 
 BASELINES = ("overlay", "fuse-overlayfs")
-NOT_RATIOED = {"server_vmhwm_kib", "mismatches"}
+NOT_RATIOED = {"server_vmhwm_kib", "mismatches", "fuse_requests"}
+LEDGER_TOP_OPS = 8      # the opcodes shown per workload and target, most frequent first
 
 
 def load(path):
@@ -159,6 +162,7 @@ def write_summary(records, out_dir, run_info):
                              f"({count}x): {r.get('reason')}")
         lines.append("")
     lines += _overview(table)
+    lines += requests_section(records)
     for config in table.configs:
         keys = [k for k in table.order if k[0] == config and k[2] != "correctness"]
         if not keys:
@@ -206,6 +210,61 @@ def write_summary(records, out_dir, run_info):
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(text)
     return text
+
+
+def ledger_rows(records):
+    """{(config, workload): {impl: {"requests": [per rep], "ops": {OP: [count, timed,
+    total_us]}, "complete": bool}}} from the fuse_requests records, in run order."""
+    rows = {}
+    for r in records:
+        if r["metric"] != "fuse_requests":
+            continue
+        cell = rows.setdefault((r["config"], r["workload"]), {}).setdefault(
+            r["impl"], {"requests": [], "ops": {}, "complete": True})
+        cell["requests"].append(r["value"])
+        cell["complete"] = cell["complete"] and r.get("complete", True)
+        for op, e in r.get("ops", {}).items():
+            acc = cell["ops"].setdefault(op, [0, 0, 0.0])
+            acc[0] += e["count"]
+            acc[1] += e.get("timed", 0)
+            acc[2] += e.get("total_us", 0.0)
+    return rows
+
+
+def _ops_text(cell):
+    reps = len(cell["requests"])
+    ops = sorted(cell["ops"].items(), key=lambda kv: -kv[1][0])[:LEDGER_TOP_OPS]
+    parts = []
+    for op, (count, timed, total_us) in ops:
+        mean = f" {total_us / timed:.0f} µs" if timed else ""
+        parts.append(f"{op} {count / reps:g}{mean}")
+    return ", ".join(parts) + ("" if cell["complete"] else " (trace buffer overflowed)")
+
+
+def requests_section(records):
+    """Markdown: the requests each workload caused, per target and opcode."""
+    missing = [r for r in records if r["metric"] == "no-ledger"]
+    if missing:
+        return ["## FUSE requests", "", f"No request ledger: {missing[0].get('reason')}", ""]
+    rows = ledger_rows(records)
+    if not rows:
+        return []
+    present = {i for cells in rows.values() for i in cells}
+    impls = [i for i in Table(records).impls if i in present]    # the timing tables' order
+    lines = ["## FUSE requests (the kernel's fuse tracepoints)", "",
+             "Requests one run of each workload sent to the server (median over repetitions; "
+             "mounting, the correctness check and unmounting excluded):", ""]
+    lines.append(_md_table(["config", "workload"] + impls,
+                           [[c, w] + [f"{statistics.median(cells[i]['requests']):g}"
+                                      if i in cells else "-" for i in impls]
+                            for (c, w), cells in rows.items()]))
+    lines += ["", f"By opcode (mean count per run, mean time from send to answer; "
+              f"the {LEDGER_TOP_OPS} most frequent):", ""]
+    lines.append(_md_table(["config", "workload", "target", "requests by opcode"],
+                           [[c, w, i, _ops_text(cells[i])]
+                            for (c, w), cells in rows.items() for i in impls if i in cells]))
+    lines.append("")
+    return lines
 
 
 def write_charts(records, out_dir):

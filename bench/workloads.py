@@ -157,6 +157,32 @@ def walk_tree(ctx):
     return [("time_s", _timed(walk), "s")]
 
 
+# A search path probed for names that are not there, as exec's PATH search,
+# the dynamic loader and imports do: every directory asked for every name,
+# three times (a shell running three commands). What the kernel may cache
+# of a miss decides the second and third rounds.
+PROBE_DIRS = 40
+PROBE_NAMES = 25
+PROBE_ROUNDS = 3
+
+
+def probe_missing(ctx):
+    dirs = sorted({os.path.dirname(rel) for rel in ctx.meta["paths"]})[:PROBE_DIRS]
+    paths = [os.path.join(ctx.path(d), f"absent-{n}.so") for d in dirs
+             for n in range(PROBE_NAMES)]
+
+    def one_round():
+        for p in paths:
+            try:
+                os.lstat(p)
+            except FileNotFoundError:
+                continue
+            raise RuntimeError(f"{p} exists: the probe expects it missing")
+    first = _timed(one_round)
+    again = _timed(lambda: [one_round() for _ in range(PROBE_ROUNDS - 1)])
+    return [("first_s", first, "s"), ("again_s", again, "s")]
+
+
 # ------------------------------------------------------------------ read / write
 
 def _read_all(path):
@@ -300,6 +326,7 @@ def build_workloads(meta):
     wl.append(Workload("stat-all", "lookup", stat_all))
     wl.append(Workload("readdir-bigdir", "lookup", readdir_big))
     wl.append(Workload("walk", "lookup", walk_tree))
+    wl.append(Workload("probe-missing", "lookup", probe_missing))
     wl.append(Workload(f"seqread-{labels[2]}", "read", seq_read, heavy=True,
                        cold_files=lambda m: [m["big_files"][2]]))
     wl.append(Workload("randread-4k", "read", random_read,

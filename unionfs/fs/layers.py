@@ -56,6 +56,10 @@ class Found:
     layer: int                        # layer of the top (visible) object
     st: os.stat_result                # its lstat
     layers: tuple = ()                # for directories: layers that merge, top first
+    # a redirected directory's places in the layers where it is not at its
+    # name, {layer: (path from the root or None: in the parent, name)}
+    # (fs.lookup.probe_redirected), for the directory cache to open
+    places: dict | None = None
 
 
 def probe(parent_layers, dirfd_of, name: bytes, names_of=None, marked_of=None) -> Found | None:

@@ -12,9 +12,10 @@ import functools
 import os
 import stat
 
-from . import whiteout
+from ..sys import libc
+from . import redirect, whiteout
 from .inodes import Node, layer_tuple, unpack_origin
-from .layers import list_names, lower_positive, lstat_at
+from .layers import ABSENT_ERRNOS, Found, list_names, lower_positive, lstat_at
 from .layers import probe as probe_layers
 from .stack import NAME_MAX, UPPER, Stack, err
 
@@ -32,8 +33,153 @@ def probe(stack: Stack, parent: Node, name: bytes):
     dirs = stack.dirs
     # a lookup looks for xattr whiteouts in every directory (the kernel's does;
     # its readdir only in marked ones: fs.files.readdir)
+    # (a redirect changes only which lower directories merge, never what
+    # the name is: node_for follows it)
     return probe_layers(parent.layers, functools.partial(dirs.dirfd, parent), name,
                         functools.partial(dirs.names, parent))
+
+
+def follow_redirect(stack: Stack, parent: Node, name: bytes, found):
+    """`found` (a probe result for parent/name), with its merged layers
+    taken from the redirected places if the directory holds a redirect and
+    the mount follows them (fs.redirect)."""
+    if found.layers and found.places is None and redirect_mode(stack) in FOLLOWING \
+            and _has_redirect(stack, parent, name, found.layers):
+        return probe_redirected(stack, parent, name) or found
+    return found
+
+
+FOLLOWING = tuple(m for m in redirect.MODES if redirect.follows(m))
+
+
+def redirect_mode(stack: Stack) -> str:
+    """The mount's redirect_dir mode (fs.redirect); "off" unless set."""
+    return stack.redirect_dir
+
+
+def read_redirect(stack: Stack, dirfd: int, name: bytes) -> bytes | None:
+    """The redirect of directory dirfd/name (its valid value), or None."""
+    xname = redirect.xattr_name(stack.fmt)
+    if xname is None or dirfd is None:
+        return None
+    try:
+        value = os.getxattr(whiteout.entry_path(dirfd, name), xname, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES) \
+                or e.errno in ABSENT_ERRNOS:
+            return None
+        raise
+    try:
+        redirect.parse(value)
+    except redirect.InvalidRedirect:
+        raise err(errno.EIO, name) from None    # the kernel too refuses a bad one
+    return value
+
+
+def _has_redirect(stack: Stack, parent: Node, name: bytes, merged: tuple) -> bool:
+    """Does the directory parent/name hold a redirect in one of its merged
+    layers that has layers below it (only there can it matter)?"""
+    bottom = len(stack.layers) - 1      # an absolute redirect reaches every layer below
+    return any(li != bottom and read_redirect(stack, stack.dirfd(parent, li), name)
+               is not None for li in merged)
+
+
+def _lower_parent(stack: Stack, parent: Node, li: int, path):
+    """The fd of the directory in layer li where the lookup goes on: the
+    parent's (a relative lookup: path is None) or, for an absolute path
+    (components from the root), its parent's, opened from the layer root."""
+    if path is None:
+        return stack.dirfd(parent, li)
+    try:
+        return stack.layers[li].open_dir(b"/".join(path[:-1]))
+    except OSError as e:
+        if e.errno in ABSENT_ERRNOS:
+            return None
+        raise
+
+
+def probe_redirected(stack: Stack, parent: Node, name: bytes) -> Found | None:
+    """probe() for a name whose directory holds a redirect: each layer
+    below one that holds a redirect is looked up at the redirected place
+    (the kernel's ovl_lookup). The found directory's places in the layers
+    not reached by name come with it (Found.places), for the directory cache."""
+    found = None
+    merged = []
+    places = {}
+    layers = list(parent.layers)
+    bottom = len(stack.layers) - 1
+    lookup_name = name
+    path = None     # components from the layer root, once a redirect is absolute
+    pos = -1
+    while pos + 1 < len(layers):
+        pos += 1
+        li = layers[pos]
+        opened = path is not None
+        base = _lower_parent(stack, parent, li, path)
+        if base is None:
+            continue
+        here = path[-1] if path is not None else lookup_name
+        try:
+            st = lstat_at(base, here)
+            more_below = pos < len(layers) - 1
+            if st is not None:
+                if whiteout.is_whiteout(base, here, st):
+                    break
+                if found is None:
+                    found = Found(li, st)
+                if not stat.S_ISDIR(st.st_mode):
+                    break
+                merged.append(li)
+                if path is not None or lookup_name != name:
+                    places[li] = (path, here)
+                if more_below and whiteout.is_opaque(base, here):
+                    break
+                value = read_redirect(stack, base, here) if li != bottom else None
+                if value is not None:
+                    if redirect.is_absolute(value):
+                        # from the root of every layer below, whatever the
+                        # parent's layers (the kernel's ovl_lookup does the same)
+                        path = redirect.parse(value)
+                        layers[pos + 1:] = [i for i in stack.root.layers if i > li]
+                    elif path is not None:
+                        path = redirect.redirected_path(path, value)
+                    else:
+                        lookup_name = value
+            if more_below and whiteout.has_oci_whiteout(base, here):
+                break
+        finally:
+            if opened:
+                os.close(base)
+    if found is None or not stat.S_ISDIR(found.st.st_mode):
+        return found
+    found.layers = tuple(merged)
+    found.places = places or None
+    return found
+
+
+def _pin_dirfds(stack: Stack, parent: Node, node: Node, places: dict) -> None:
+    """Open a redirected directory in the layers where its name is not its
+    place (Found.places) and give the fds to the directory cache, which
+    would otherwise open them by name. (DirCache has no public way in:
+    its _fds/_keep are used here; see docs/redirect.md.)"""
+    cache = stack.dirs
+    for li, (path, here) in places.items():
+        base = _lower_parent(stack, parent, li, path)
+        if base is None:
+            continue
+        try:
+            fd = libc.openat2(base, here, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as e:
+            if e.errno in ABSENT_ERRNOS:
+                continue
+            raise
+        finally:
+            if path is not None:
+                os.close(base)
+        old = cache._fds.pop((node, li), None)
+        if old is not None:
+            os.close(old)
+        cache._keep(node, li, fd)
 
 
 def read_origin(stack: Stack, dirfd: int, name: bytes, own: tuple):
@@ -70,9 +216,13 @@ def node_for(stack: Stack, parent: Node, name: bytes, found) -> Node:
     nodes = stack.nodes
     node = nodes.find(key)
     kind = stat.S_IFMT(found.st.st_mode)
+    if kind == stat.S_IFDIR:
+        found = follow_redirect(stack, parent, name, found)
     if node is None or node.kind != kind:
         node = nodes.new(key, st_ino, parent, name, kind, found.layer,
                          found.layers or (found.layer,))
+        if found.places:
+            _pin_dirfds(stack, parent, node, found.places)
         if found.layer == UPPER and kind == stat.S_IFREG:
             node.data_layer = metacopy_data_layer(stack, parent, name, found.st)
         return node
@@ -83,6 +233,8 @@ def node_for(stack: Stack, parent: Node, name: bytes, found) -> Node:
             stack.dirs.drop(node)
             node.layers = layer_tuple(new_layers)
         node.layer = found.layer
+        if found.places:
+            _pin_dirfds(stack, parent, node, found.places)
     elif found.layer < node.layer:
         node.layer, node.layers = found.layer, layer_tuple((found.layer,))
     return node
@@ -215,7 +367,12 @@ def layers_below(stack: Stack, parent: Node, name: bytes) -> tuple:
 def merged_names(stack: Stack, node: Node) -> list:
     """The names a directory shows (for emptiness checks)."""
     names = list_names(lambda li: stack.dirfd(node, li), node.layers)
-    return [n for n in names if probe(stack, node, n) is not None]
+    return [n for n in names if _exists(stack, node, n)]
+
+
+def _exists(stack: Stack, parent: Node, name: bytes) -> bool:
+    return probe(stack, parent, name) is not None
+
 
 
 def name_node(node: Node, parent: Node, name: bytes) -> None:

@@ -5,7 +5,9 @@ in the same step as the removal where the kernel's format allows it
 (renameat2 RENAME_WHITEOUT), else written right after. A directory arriving
 where lower layers hold its name becomes opaque. A directory that exists in a
 lower layer cannot be renamed (EXDEV, the kernel's default without
-redirect_dir). Everything an operation needs copied up is asked for (and
+redirect_dir) unless redirect_dir=on: then it is copied up alone and its
+upper copy records its old place (fs.redirect; docs/redirect.md).
+Everything an operation needs copied up is asked for (and
 in flight copies of what it touches waited for) before it changes anything.
 """
 import errno
@@ -13,12 +15,20 @@ import os
 import stat
 
 from ..sys import libc
-from . import whiteout, workdir
+from . import redirect, whiteout, workdir
 from .copyplan import require
 from .create import check_name
 from .inodes import Node, layer_tuple
 from .layers import lstat_at
-from .lookup import child, is_lower_positive, merged_names, name_node, unname
+from .lookup import (
+    child,
+    is_lower_positive,
+    merged_names,
+    name_node,
+    read_redirect,
+    redirect_mode,
+    unname,
+)
 from .stack import NAME_MAX, UPPER, Stack, err
 
 
@@ -104,8 +114,10 @@ def rmdir(stack: Stack, parent_ino, name) -> None:
     unname(stack, node, parent, name)
 
 
-def _dir_in_lower(found) -> bool:
-    return stat.S_ISDIR(found.st.st_mode) and (found.layer != UPPER or len(found.layers) > 1)
+def _dir_in_lower(node: Node) -> bool:
+    """Is node a directory with lower layers (its node's layers: a
+    redirect followed)?"""
+    return node.kind == stat.S_IFDIR and (node.layer != UPPER or len(node.layers) > 1)
 
 
 def _is_ancestor(node: Node, other: Node) -> bool:
@@ -124,6 +136,39 @@ def _make_opaque(stack: Stack, dirfd: int, name: bytes) -> None:
         os.close(fd)
 
 
+def can_redirect(stack: Stack) -> bool:
+    """May a rename of a lower or merged directory write a redirect?"""
+    return redirect.creates(redirect_mode(stack)) and \
+        redirect.xattr_name(stack.fmt) is not None
+
+
+def _write_redirect(stack: Stack, node: Node, same_dir: bool) -> None:
+    """Before node (a directory, now in the upper) is renamed: record its
+    old place, as the kernel's ovl_set_redirect does (EXDEV where the value
+    would be too long: the caller falls back on copying)."""
+    def upper_redirect(n: Node):
+        dfd = stack.dirfd(n.parent, UPPER)
+        return read_redirect(stack, dfd, n.name) if dfd is not None else None
+    existing = upper_redirect(node)
+    ancestry = []
+    n = node
+    while n.parent is not None:
+        ancestry.append((n.name, upper_redirect(n)))
+        n = n.parent
+    try:
+        value = redirect.value_for_rename(existing, same_dir, node.name, ancestry)
+    except redirect.InvalidRedirect:
+        raise err(errno.EXDEV) from None
+    if value is None:
+        return
+    # the lower fds of the directory (opened at its old place) stay right
+    # after the move; make sure they are open before it
+    for li in node.layers[1:]:
+        stack.dirfd(node, li)
+    path = whiteout.entry_path(stack.upper_dirfd(node.parent), node.name)
+    os.setxattr(path, redirect.xattr_name(stack.fmt), value, follow_symlinks=False)
+
+
 def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, flags=0) -> None:
     if flags & ~(libc.RENAME_NOREPLACE | libc.RENAME_EXCHANGE) or \
             flags == libc.RENAME_NOREPLACE | libc.RENAME_EXCHANGE:
@@ -131,10 +176,10 @@ def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, fla
     old_parent = stack.node(old_parent_ino)
     new_parent = stack.node(new_parent_ino)
     check_name(new_name)
-    src_found, src = child(stack, old_parent, old_name)
+    _, src = child(stack, old_parent, old_name)
     if src is None:
         raise err(errno.ENOENT, old_name)
-    dst_found, dst = child(stack, new_parent, new_name)
+    _, dst = child(stack, new_parent, new_name)
     exchange = bool(flags & libc.RENAME_EXCHANGE)
     if exchange and dst is None:
         raise err(errno.ENOENT, new_name)
@@ -143,7 +188,8 @@ def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, fla
     if dst is src and not exchange:
         return      # the same file under both names: nothing to do
     stack.require_upper()
-    if _dir_in_lower(src_found) or (exchange and _dir_in_lower(dst_found)):
+    redirecting = not exchange and _dir_in_lower(src) and can_redirect(stack)
+    if (_dir_in_lower(src) and not redirecting) or (exchange and _dir_in_lower(dst)):
         raise err(errno.EXDEV)
     src_is_dir = src.kind == stat.S_IFDIR
     if dst is not None and not exchange:
@@ -162,12 +208,16 @@ def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, fla
     require(stack, needs=needs, touches=(src,) if dst is None else (src, dst))
     old_dfd = stack.upper_dirfd(old_parent)
     new_dfd = stack.upper_dirfd(new_parent)
+    if redirecting:
+        _write_redirect(stack, src, old_parent is new_parent)
     src_needs_whiteout = not exchange and is_lower_positive(stack, old_parent, old_name)
     wh_fmt = whiteout_format(stack, old_name) if src_needs_whiteout else stack.fmt
     # a directory arriving where lower layers hold the name must hide them
     # (marked in place first: an upper-only directory marked opaque where it
     # is shows the same, should the rename then fail)
-    src_opaque = src_is_dir and is_lower_positive(stack, new_parent, new_name)
+    # (a redirected directory merges from its old place only: no mark needed)
+    src_opaque = src_is_dir and not redirecting and \
+        is_lower_positive(stack, new_parent, new_name)
     if src_opaque:
         _make_opaque(stack, old_dfd, old_name)
     if exchange:
@@ -220,3 +270,6 @@ def rename(stack: Stack, old_parent_ino, old_name, new_parent_ino, new_name, fla
         unname(stack, dst, new_parent, new_name)
     unname(stack, src, old_parent, old_name)
     name_node(src, new_parent, new_name)
+    if redirecting:
+        # unname dropped its fds; open them again at the redirected places
+        child(stack, new_parent, new_name)

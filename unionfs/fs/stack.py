@@ -46,9 +46,11 @@ ROOT_CALLER = Caller()
 
 class Stack:
     def __init__(self, lowers, upper=None, work=None, *, whiteout_format=None,
-                 durable=True, metacopy=False, profile=None, id_options=None):
+                 durable=True, metacopy=False, profile=None, id_options=None,
+                 redirect_dir="off"):
         if not lowers:
             raise ValueError("at least one lower layer is needed")
+        self.redirect_dir = redirect_dir    # fs.redirect's mode: on, follow, nofollow, off
         self.layers: list[Layer | None] = [None]
         self.work_fd = -1
         self.temp_pool: workdir.TempPool | None = None

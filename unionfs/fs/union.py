@@ -31,11 +31,13 @@ __all__ = ["Attrs", "Caller", "Deferred", "Union"]
 
 class Union:
     def __init__(self, lowers, upper=None, work=None, *, whiteout_format=None,
-                 durable=True, metacopy=False, profile=None, id_options=None):
-        """id_options: fuse-overlayfs's ownership options (fs.idmap.IdOptions)."""
+                 durable=True, metacopy=False, profile=None, id_options=None,
+                 redirect_dir="off"):
+        """id_options: fuse-overlayfs's ownership options (fs.idmap.IdOptions);
+        redirect_dir: fs.redirect's mode (on, follow, nofollow, off)."""
         self.stack = Stack(lowers, upper, work, whiteout_format=whiteout_format,
                            durable=durable, metacopy=metacopy, profile=profile,
-                           id_options=id_options)
+                           id_options=id_options, redirect_dir=redirect_dir)
 
     # ---- the mount ------------------------------------------------------------
 

@@ -35,6 +35,14 @@ WHICH_XATTR = b"user.unionfs.which"
 
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
+# A missing name is answered with an entry of node id 0 (a negative entry),
+# which the kernel caches as long as a positive one: exec's PATH search, the
+# dynamic loader and imports probe many missing names, each a LOOKUP again
+# after an ENOENT. Every change of names goes through this mount, and the
+# kernel replaces a negative dentry itself when it creates, renames or links
+# onto it, so nothing needs invalidating (as for positive entries, changes
+# made to the layers behind the mount are not seen).
+NEGATIVE_TIMEOUT = ENTRY_TIMEOUT
 # An operation is retried after each round of copies it asked for; a few
 # rounds are normal (a rename that raced another rename), hundreds a bug.
 MAX_DEFERRALS = 100
@@ -118,6 +126,16 @@ def entry(node_attrs) -> pyfuse3.EntryAttributes:
     return entry_attributes(*node_attrs)
 
 
+def negative_entry() -> pyfuse3.EntryAttributes:
+    """The reply to a lookup of a missing name: node id 0, cached by the kernel
+    for NEGATIVE_TIMEOUT (no FORGET follows: the kernel holds no node)."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = 0
+    a.entry_timeout = NEGATIVE_TIMEOUT
+    a.attr_timeout = 0
+    return a
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -133,12 +151,14 @@ class Operations(pyfuse3.Operations):
         # live in xattrs: none without them)
         self.enable_acl = xattrs and not union.id_options.noacl
         self.counters = Counters()
+        self.negative_entries = 0       # lookups answered with a negative entry
         self.events = Events()
         self._copier = Copier(union, copy_threads, self.counters, self.events)
 
     def stats(self) -> dict:
         """The server's tables and counters, as the control API reports them."""
         return {**self.u.stats(), **self.counters.snapshot(),
+                "negative_entries": self.negative_entries,
                 "copies_in_flight": len(self.u.in_flight)}
 
     async def _call(self, fn, *args, **kwargs):
@@ -154,7 +174,11 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return entry(self.u.lookup(parent_inode, name))
+        try:
+            return entry(self.u.lookup(parent_inode, name))
+        except FileNotFoundError:
+            self.negative_entries += 1
+            return negative_entry()
 
     async def forget(self, inode_list):
         for ino, count in inode_list:
@@ -266,7 +290,12 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def flush(self, fh):
-        pass
+        # Declined for good: the kernel takes ENOSYS as "no FLUSH ever"
+        # (fc->no_flush) and close() still succeeds. unionfs has nothing to do
+        # at close: writes reach the layer's file in WRITE (an error is that
+        # write's), durable mode syncs in the copy-up and in FSYNC, and the
+        # kernel keeps POSIX locks itself (no GETLK/SETLK here).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @translate_errors
     async def fsync(self, fh, datasync):
@@ -309,8 +338,10 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def access(self, inode, mode, ctx):
-        # default_permissions: the kernel checks mode bits; we only confirm existence
-        self.u.getattr(inode)
+        # Mounted with default_permissions (serve.server, daemon.client), the
+        # kernel checks access(2) itself and never sends ACCESS. Should it
+        # ever, ENOSYS tells it to stop asking and grant (fc->no_access).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @translate_errors
     async def statfs(self, ctx):

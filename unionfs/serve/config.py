@@ -29,13 +29,14 @@ FUSE_OVERLAYFS_IGNORED = {
     "context", "timeout", "threaded", "fast_ino", "writeback", "plugins", "fsync",
     "x-systemd.automount",
     "max_read", "fsname", "subtype", "xino", "nfs_export", "index",
-    "redirect_dir", "uuid", "comment",
+    "uuid", "comment",
 }
 # fuse-overlayfs's ownership and permission options (unionfs.fs.idmap;
 # docs/rootless.md): kept as given, checked at parse time.
 ID_OPTIONS = {"uidmapping", "gidmapping", "squash_to_root", "squash_to_uid", "squash_to_gid",
               "xattr_permissions", "noacl", "static_nlink"}
 WHITEOUT_FORMATS = ("kernel", "userxattr", "oci")
+REDIRECT_MODES = ("", "on", "follow", "nofollow", "off")     # "": off, as before
 # `mount -o x-foo` style comments are always ignored.
 IGNORED_PREFIXES = ("x-", "comment=")
 
@@ -62,6 +63,8 @@ class MountConfig:
     # the server builds unionfs.fs.idmap.IdOptions from them (idmap.from_options)
     id_options: dict = field(default_factory=dict)
     xattrs: bool = True         # False: noxattrs=1, every xattr request is EOPNOTSUPP
+    # directory renames as the kernel's redirect_dir= (fs.redirect; docs/redirect.md)
+    redirect_dir: str = "off"
 
     def to_json(self) -> str:
         """The config as one line of JSON (never a raw newline: it frames messages)."""
@@ -93,7 +96,7 @@ _FIELD_TYPES = {"lowers": list, "upper": str, "work": str, "mountpoint": str, "s
                 "subtype": str,
                 "foreground": bool, "debug": bool, "volatile": bool, "metacopy": bool,
                 "whiteout_format": str, "flags": list, "id_options": dict,
-                "xattrs": bool}
+                "xattrs": bool, "redirect_dir": str}
 _OPTIONAL = {"upper", "work", "mountpoint", "whiteout_format"}
 
 
@@ -184,8 +187,11 @@ def apply_options(cfg: MountConfig, text: str) -> MountConfig:
             check_id_options(cfg.id_options)
         elif key == "debug":
             cfg.debug = True
-        elif key == "redirect_dir" and value not in ("", "off", "nofollow", "follow"):
-            raise OptionError(f"redirect_dir={value} is not supported (only off)")
+        elif key == "redirect_dir":
+            if value not in REDIRECT_MODES:
+                raise OptionError("redirect_dir= must be 'on', 'follow', 'nofollow' or 'off', "
+                                  f"not '{shown(value)}'")
+            cfg.redirect_dir = value or "off"
         elif key == "index" and value not in ("", "off"):
             raise OptionError(f"index={value} is not supported (only off)")
         elif key in GENERIC_FLAGS and not eq:
@@ -195,6 +201,9 @@ def apply_options(cfg: MountConfig, text: str) -> MountConfig:
             pass
         else:
             raise OptionError(f"unknown option '{shown(item)}'")
+    if cfg.redirect_dir == "on" and cfg.whiteout_format == "oci":
+        raise OptionError("redirect_dir=on needs a format with xattrs: the OCI whiteout "
+                          "format has no redirects")
     return cfg
 
 

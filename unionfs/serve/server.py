@@ -93,7 +93,8 @@ def open_union(cfg: MountConfig) -> Union:
     options = id_options(cfg)
     try:
         return Union(cfg.lowers, cfg.upper, cfg.work, whiteout_format=cfg.whiteout_format,
-                     durable=not cfg.volatile, metacopy=cfg.metacopy, id_options=options)
+                     durable=not cfg.volatile, metacopy=cfg.metacopy, id_options=options,
+                     redirect_dir=cfg.redirect_dir)
     except OSError as e:
         raise MountError(f"cannot open layers: {e.strerror} ({shown(e.filename)})") from None
     except (ProfileError, OverrideSetupError) as e:

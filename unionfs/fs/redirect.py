@@ -1,0 +1,112 @@
+"""Directory redirects, as the kernel's overlayfs writes and reads them.
+
+With ``redirect_dir=on`` a directory that comes from a lower layer can be
+renamed: it is copied up alone and its upper copy records where its lower
+contents are, in the redirect xattr (``trusted.overlay.redirect``, or
+``user.overlay.redirect`` in the userxattr format; the OCI format has none).
+The value is the old name alone (relative: looked up in the parent's
+directory of each lower layer) when the directory stays in its parent, else
+a path from the layer root starting with "/" (absolute). Lookups that follow
+redirects (``on``, ``follow``) continue in each lower layer at the
+redirected path; ``nofollow`` and ``off`` ignore them.
+
+Pure rules: values, their checks, the value a rename writes. Reading and
+writing the xattr on disk is fs.lookup's and fs.namespace's.
+"""
+from . import whiteout
+
+MODE_ON = "on"
+MODE_FOLLOW = "follow"
+MODE_NOFOLLOW = "nofollow"
+MODE_OFF = "off"
+MODES = (MODE_ON, MODE_FOLLOW, MODE_NOFOLLOW, MODE_OFF)
+
+XATTR_KERNEL = "trusted.overlay.redirect"
+XATTR_USER = "user.overlay.redirect"
+
+# the kernel refuses longer redirects (a rename then falls back to EXDEV)
+REDIRECT_MAX = 255
+
+
+class InvalidRedirect(ValueError):
+    """A redirect xattr whose value is not one the kernel would follow."""
+
+
+def creates(mode: str) -> bool:
+    """Does a rename of a lower or merged directory write a redirect?"""
+    return mode == MODE_ON
+
+
+def follows(mode: str) -> bool:
+    """Do lookups continue in the lower layers at a redirected path?"""
+    return mode in (MODE_ON, MODE_FOLLOW)
+
+
+def xattr_name(fmt: str) -> str | None:
+    """The redirect xattr of a marker format (fs.whiteout), None for OCI."""
+    if fmt == whiteout.FORMAT_KERNEL:
+        return XATTR_KERNEL
+    if fmt == whiteout.FORMAT_USERXATTR:
+        return XATTR_USER
+    return None
+
+
+def is_absolute(value: bytes) -> bool:
+    return value.startswith(b"/")
+
+
+def parse(value: bytes) -> tuple:
+    """The components of a redirect value, as a tuple of names; a relative
+    redirect is one name. InvalidRedirect for what the kernel refuses (an
+    empty value, a relative one holding "/", an absolute one with an empty
+    component) and for "." and ".." (never a real name)."""
+    if not value or b"\0" in value:
+        raise InvalidRedirect(value)
+    if is_absolute(value):
+        parts = tuple(value[1:].split(b"/"))
+    else:
+        parts = (value,)
+        if b"/" in value:
+            raise InvalidRedirect(value)
+    if any(p in (b"", b".", b"..") for p in parts):
+        raise InvalidRedirect(value)
+    return parts
+
+
+def redirected_path(current: tuple, value: bytes) -> tuple:
+    """Where the lookup goes on in the layers below one whose directory at
+    path `current` (components from the layer root) holds `value`: an
+    absolute value replaces the path, a relative one its last name."""
+    parts = parse(value)
+    if is_absolute(value):
+        return parts
+    return current[:-1] + parts
+
+
+def value_for_rename(existing: bytes | None, same_dir: bool, old_name: bytes,
+                     ancestry) -> bytes | None:
+    """The redirect a rename of a lower or merged directory writes, or None
+    when the one it has already says the right thing (the kernel keeps a
+    redirect on a rename in the same directory, and keeps an absolute one
+    always).
+
+    ancestry: (name, redirect-or-None) of the directory and each of its
+    ancestors below the root, nearest first, at the old place (only used
+    for an absolute value): each component is the ancestor's own redirect
+    if it has one, and an absolute one ends the walk."""
+    if existing is not None and (same_dir or is_absolute(existing)):
+        return None
+    if same_dir:
+        return old_name
+    parts = []
+    for name, redirect in ancestry:
+        part = redirect if redirect is not None else name
+        parts.append(part)
+        if is_absolute(part):
+            break
+    else:
+        parts.append(b"")       # the root: the path starts with "/"
+    value = b"/".join(reversed(parts))
+    if len(value) > REDIRECT_MAX:
+        raise InvalidRedirect(value)
+    return value
