@@ -28,6 +28,7 @@ def _podman(reps, log):
     from . import podman
     notes = {}
     with tempfile.TemporaryDirectory(prefix="ufb-", dir="/tmp") as work:
+        os.chmod(work, 0o755)      # rootless podman reads the image tar from here
         modes = ["root"] + (["rootless"] if podman.others_can_run(podman.fuse_unionfs_program())
                             else [])
         records = podman.measure_podman_run(reps, modes, work, notes)

@@ -335,7 +335,9 @@ def measure_mount(reps: int, workdir: str, seed: int = 0) -> list:
     lower = os.path.join(workdir, "lower")
     os.makedirs(lower, exist_ok=True)
     with tarfile.open(build_rootfs_tar(os.path.join(workdir, "mount.tar"))) as tar:
-        tar.extractall(lower, filter="fully_trusted")
+        # our own tar; Debian's 3.11.2 predates extraction filters (3.11.4)
+        trusted = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+        tar.extractall(lower, **trusted)
     records, rng, order = [], random.Random(seed), list(PROGRAMS)
     for rep in range(-1, reps):
         rng.shuffle(order)
