@@ -37,10 +37,13 @@ def test_a_run_is_served_by_the_daemons_server(daemon, lower, tmp_path):
         wait_for(lambda: _servers_of(daemon, state), timeout=30, what="the run's mount")
         served = _servers_of(daemon, state)[0]
         assert served["layers"]["lowers"] == [lower]
+        # the mount is listed before the command has run: read its line
+        # before the terminate, which would otherwise race the cat
+        greeting = run.stdout.readline()
     finally:
         run.terminate()
-        out, err = run.communicate(timeout=60)
-    assert out == "hello from the lower layer\n", err
+        _, err = run.communicate(timeout=60)
+    assert greeting == "hello from the lower layer\n", err
 
 
 def test_the_runs_teardown_ends_the_daemons_server(daemon, lower, tmp_path):
