@@ -1,6 +1,7 @@
 """The pyfuse3 adapter without a mount: handlers called directly under trio
 on a Union over temporary directories (no kernel session: pyfuse3's
 notifications then fail with EINVAL, which the adapter tolerates)."""
+import errno
 import logging
 import os
 import threading
@@ -100,3 +101,20 @@ def test_unlink_waits_for_the_copy_up_in_flight(adapter, layers, monkeypatch):
     assert order == ["opened", "unlinked"]
     assert sorted(os.listdir(layers.upper)) == ["f"]       # only the whiteout
     assert os.stat(layers.upper / "f", follow_symlinks=False).st_rdev == 0
+
+
+def test_a_missing_name_is_a_negative_entry_the_kernel_may_keep(adapter):
+    entry = run(adapter.lookup, ROOT_INO, b"missing", CTX)
+    assert (entry.st_ino, entry.entry_timeout > 0) == (0, True)
+    assert adapter.stats()["negative_entries"] == 1
+
+
+@pytest.mark.parametrize("call", [
+    lambda a: a.flush(12345),
+    lambda a: a.access(ROOT_INO, os.R_OK, CTX),
+], ids=["flush", "access"])
+def test_requests_with_nothing_to_do_are_declined_for_good(adapter, call):
+    # ENOSYS: the kernel stops sending them (fc->no_flush, fc->no_access)
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        run(call, adapter)
+    assert raised.value.errno == errno.ENOSYS
