@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from bench import workloads
+
 EXPECTED_FIELDS = {"impl", "workload", "metric", "value", "unit", "rep", "kernel", "fstype",
                    "version", "commit", "config"}
 
@@ -91,6 +93,31 @@ def test_unionfs_runs_every_workload_without_error(quick_run):
     assert not errors, errors
     assert any(r["impl"] == "unionfs" and r["metric"] not in ("skipped", "error", "mismatches")
                for r in records), "unionfs measured nothing"
+
+
+@pytest.mark.timeout(240)
+def test_every_fuse_target_gets_a_request_ledger(quick_run):
+    out, records, _log = quick_run
+    assert not [r for r in records if r["metric"] == "no-ledger"]
+    ledgers = {(r["impl"], r["workload"]): r for r in records if r["metric"] == "fuse_requests"}
+    for impl in ("unionfs", "fuse-overlayfs"):
+        stat_all = ledgers[(impl, "stat-all")]
+        assert stat_all["value"] > 0 and stat_all["complete"], stat_all
+        assert stat_all["ops"]["LOOKUP"]["count"] > 0
+    assert not [k for k in ledgers if k[0] in ("overlay", "native")], "a ledger for a kernel fs"
+    assert "## FUSE requests" in (out / "summary.md").read_text()
+
+
+@pytest.mark.timeout(240)
+def test_probing_missing_names_again_sends_no_lookup_to_unionfs(quick_run):
+    _out, records, _log = quick_run
+    probe = [r for r in records if r["metric"] == "fuse_requests"
+             and r["workload"] == "probe-missing" and r["impl"] == "unionfs"]
+    assert probe
+    # the first round asks for each name once; the two later rounds hit
+    # the kernel's negative entries
+    lookups = max(r["ops"]["LOOKUP"]["count"] for r in probe)
+    assert lookups <= workloads.PROBE_DIRS * (workloads.PROBE_NAMES + 2)    # 3,039 without
 
 
 def test_unknown_target_is_a_usage_error():
