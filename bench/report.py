@@ -12,7 +12,9 @@ import math
 import os
 import statistics
 
-BASELINES = ("overlay", "fuse-overlayfs")
+BASELINES = ("overlay", "fuse-overlayfs", "pyfuse3-floor")
+BASELINE_LABELS = {"overlay": "kernel overlayfs", "fuse-overlayfs": "fuse-overlayfs",
+                   "pyfuse3-floor": "the pyfuse3 floor"}
 NOT_RATIOED = {"server_vmhwm_kib", "mismatches", "fuse_requests"}
 LEDGER_TOP_OPS = 8      # the opcodes shown per workload and target, most frequent first
 
@@ -183,13 +185,14 @@ def write_summary(records, out_dir, run_info):
                                     for k in gkeys]))
             lines.append("")
             ratio_rows = []
+            bases = [b for b in BASELINES if b in impls]
             for k in gkeys:
                 row = [k[2], k[3]]
                 for i in present:
-                    parts = [table.ratio(k, i, b) for b in BASELINES]
+                    parts = [table.ratio(k, i, b) for b in bases]
                     row.append(" / ".join("-" if p is None else f"{p:.2f}" for p in parts))
                 ratio_rows.append(row)
-            lines.append("Ratios (vs kernel overlayfs / vs fuse-overlayfs):")
+            lines.append("Ratios (" + " / ".join(f"vs {BASELINE_LABELS[b]}" for b in bases) + "):")
             lines.append("")
             lines.append(_md_table(["workload", "metric"] + present, ratio_rows))
             lines.append("")

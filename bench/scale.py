@@ -49,6 +49,8 @@ class ScaleStack:
         self.reference = self.native = os.path.join(root, "layers", stackmod.LAYER_NAMES[-1])
 
     def layers(self, fmt="kernel"):
+        if fmt == "native":
+            return [self.native]
         # no markers anywhere: unionfs-fuse's format is the same tree
         return [os.path.join(self.root, "layers", name) for name in stackmod.LAYER_NAMES]
 

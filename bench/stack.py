@@ -88,6 +88,8 @@ class Stack:
         self.reference = reference_root or os.path.join(root, "reference")
 
     def layers(self, fmt="kernel"):
+        if fmt == "native":
+            return [self.native]
         base = "layers" if fmt == "kernel" else "layers-uf"
         return [os.path.join(self.root, base, name) for name in LAYER_NAMES]
 

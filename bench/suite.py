@@ -277,11 +277,13 @@ class Suite:
         if not self.quick:
             os.sync()
         try:
+            if target.in_place and workload.kind != "mount":
+                guard = NativeGuard(config.stack.native, workload.touched(meta),
+                                    workload.created(meta))
             if target.kind == "native":
                 if workload.kind == "mount":
                     return "n/a"
                 root = config.stack.native
-                guard = NativeGuard(root, workload.touched(meta), workload.created(meta))
                 mount_s = None
             else:
                 root = dirs["mnt"]

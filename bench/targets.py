@@ -78,7 +78,8 @@ def _alive(pid):
 class Target:
     name = "?"
     kind = "fuse"            # "native", "kernel" or "fuse"
-    layer_format = "kernel"  # which layer copy it mounts
+    layer_format = "kernel"  # which layer copy it mounts ("native": the native tree)
+    in_place = False         # works on the native tree, restored after each workload
     program = None           # executable to look for
 
     def __init__(self):
@@ -126,6 +127,7 @@ class Target:
 class Native(Target):
     name = "native"
     kind = "native"
+    in_place = True
 
     def version(self):
         return "-"
@@ -135,6 +137,57 @@ class Native(Target):
 
     def unmount(self, mnt):
         pass
+
+
+class PyfuseFloor(Target):
+    """bench.floor serving the native tree: what pyfuse3 and trio cost alone.
+    It works on the native tree in place (restored after every workload), so
+    it has no layers and no copy-up: a copy-up workload is a plain write."""
+    name = "pyfuse3-floor"
+    program = "bench.floor"     # a module of this package: always there
+    layer_format = "native"
+    in_place = True
+
+    def __init__(self):
+        super().__init__()
+        self.proc = None
+
+    def unavailable(self):
+        return None
+
+    def version(self):
+        import pyfuse3
+        return f"pyfuse3 {pyfuse3.__version__}"
+
+    def mount(self, layers, upper, work, mnt):
+        (tree,) = layers
+        log = open(os.path.join(work, "floor.log"), "wb")
+        with log:
+            self.proc = subprocess.Popen([sys.executable, "-m", self.program, tree, mnt],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not is_mounted(mnt):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.force_cleanup(mnt)
+                with open(os.path.join(work, "floor.log"), errors="replace") as f:
+                    lines = f.read().strip().splitlines()
+                raise MountError(f"{self.name}: {lines[-1] if lines else 'did not mount'}")
+            time.sleep(0.002)
+        self.server_pid = self.proc.pid
+
+    def unmount(self, mnt):
+        _run(["fusermount3", "-u", mnt])
+        self._wait_server_exit()
+
+    def _wait_server_exit(self, timeout=30):
+        proc, self.proc = self.proc, None
+        self.server_pid = None
+        if proc is not None:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 class KernelOverlay(Target):
@@ -276,7 +329,7 @@ class Unionfs(Target):
 
 
 def all_targets():
-    targets = [Native(), KernelOverlay("overlay"),
+    targets = [Native(), PyfuseFloor(), KernelOverlay("overlay"),
                KernelOverlay("overlay-metacopy", ["metacopy=on"]), FuseOverlayfs(), UnionfsFuse()]
     targets += [Unionfs(name, opts) for name, opts in UNIONFS_MODES]
     baseline = os.environ.get(BASELINE_ENV)

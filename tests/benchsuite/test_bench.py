@@ -68,7 +68,8 @@ def test_quick_run_correctness_passes_for_every_target_that_ran(quick_run):
     assert ran_workloads <= set(checks)
     skipped = [f"{r['impl']}: {r.get('reason')}" for r in records if r["metric"] == "skipped"]
     assert not skipped, "targets the bench could not run (setup.sh installs them all)"
-    assert {"unionfs", "unionfs-volatile", "fuse-overlayfs", "overlay"} <= set(checks)
+    assert {"unionfs", "unionfs-volatile", "fuse-overlayfs", "overlay",
+            "pyfuse3-floor"} <= set(checks)
 
 
 @pytest.mark.timeout(240)
@@ -93,6 +94,19 @@ def test_unionfs_runs_every_workload_without_error(quick_run):
     assert not errors, errors
     assert any(r["impl"] == "unionfs" and r["metric"] not in ("skipped", "error", "mismatches")
                for r in records), "unionfs measured nothing"
+
+
+@pytest.mark.timeout(240)
+def test_the_pyfuse3_floor_runs_every_workload_and_is_a_ratio_baseline(quick_run):
+    out, records, _log = quick_run
+    def measured(impl):
+        return {r["workload"] for r in records if r["impl"] == impl
+                and r["metric"] not in ("skipped", "error", "mismatches")}
+    errors = [f"{r['workload']}: {r.get('reason')}" for r in records
+              if r["impl"] == "pyfuse3-floor" and r["metric"] == "error"]
+    assert not errors
+    assert measured("unionfs") <= measured("pyfuse3-floor")
+    assert "vs the pyfuse3 floor" in (out / "summary.md").read_text()
 
 
 @pytest.mark.timeout(240)
