@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from mountutil import node_at
+from mountutil import node_at, wait_for
 from unionfs.fs import copyplan, copyup
 
 MIB = 1 << 20
@@ -134,3 +134,17 @@ def test_on_a_reflink_filesystem_a_data_copy_up_is_an_inline_clone(make_stack, x
                          capture_output=True, text=True, check=True).stdout
     flags = [int(line.split()[-1], 16) for line in out.splitlines()[2:] if line.strip()]
     assert flags and all(f & 0x2000 for f in flags)     # FIEMAP_EXTENT_SHARED
+
+
+def test_the_first_copy_up_of_a_fresh_mount_finds_ready_inodes_and_threads(make_stack):
+    stack = make_layers(make_stack(1))
+    with stack.unionfs() as server:
+        # made once the mount is live, before any copy-up asks
+        wait_for(lambda: len(workdir_names(stack)) >= 6, what="the first ready inodes")
+        pooled = {os.lstat(stack.work / "work" / n).st_ino for n in workdir_names(stack)}
+        threads = len(os.listdir(f"/proc/{server.pid}/task"))
+        with open(stack.mnt / "d" / "f", "ab") as f:
+            f.write(b"+")
+        copied = {os.lstat(stack.upper / p).st_ino for p in ("d", "d/f")}
+    assert copied <= pooled
+    assert threads >= 1 + 4         # the loop's and the four copy-up workers

@@ -31,9 +31,10 @@ class TempPool:
     workdir litter like any other: removed at unmount, and by clean_workdir
     after a crash."""
 
-    # A few once copy-ups start (the adapter fills the pool after the first
-    # one: filling at mount would cost CPU the mount's start would feel);
-    # more once they show they are needed.
+    # A few once the mount is live (the adapter fills the pool when the
+    # kernel's INIT has arrived, in a worker thread: the mount's start does
+    # not wait for it, and the first copy-up finds them); more once copy-ups
+    # show they are needed.
     START = (4, 2)
     FULL = (32, 8)
 

@@ -17,6 +17,7 @@ out impossible, goes to a thread.
 """
 import os
 import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +37,13 @@ def _delayed_run(job) -> None:
     copyup.run(job)
 
 
+def _wait_at(barrier) -> None:
+    try:
+        barrier.wait(timeout=5)
+    except threading.BrokenBarrierError:
+        pass
+
+
 def is_quick(job) -> bool:
     if COPY_DELAY:
         return False
@@ -51,6 +59,16 @@ class CopyWorkers:
 
     def __init__(self, threads: int):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="copy-up")
+        self._threads = threads
+
+    def prestart(self) -> None:
+        """Start every thread now, in the background: the first copy-up of a
+        fresh mount would otherwise pay for starting its thread."""
+        # a pool starts a thread for a job only when none is idle: jobs that
+        # wait for each other keep every thread busy until all have started
+        started = threading.Barrier(self._threads)
+        for _ in range(self._threads):
+            self._pool.submit(_wait_at, started)
 
     def start(self, fn, *args) -> None:
         """Run fn in the background; nobody waits for it."""
@@ -74,9 +92,17 @@ class Copier:
         union.defer_copies()
         self._locks: dict = {}      # node -> trio.Lock, while copied or waited for
         self._workers = CopyWorkers(threads)
-        # the workdir's ready inodes are made after the first copy-up, not at
-        # mount: filling them would compete with the mount's start (and a
-        # mount that never copies up never needs them)
+        # the workdir's first ready inodes are made once the mount is live
+        # (prestart), not while it starts
+
+    def prestart(self) -> None:
+        """Once the mount is live: start the threads, and make the first
+        ready inodes, so that the first copy-up pays for neither. A read-only
+        union copies nothing."""
+        if not self.u.writable:
+            return
+        self._workers.prestart()
+        self.refill()
 
     def refill(self) -> None:
         work = self.u.temp_pool_refill()

@@ -155,6 +155,10 @@ class Operations(pyfuse3.Operations):
         self.events = Events()
         self._copier = Copier(union, copy_threads, self.counters, self.events)
 
+    def init(self) -> None:
+        # the kernel's INIT: the mount is live, the server is idle
+        self._copier.prestart()
+
     def stats(self) -> dict:
         """The server's tables and counters, as the control API reports them."""
         return {**self.u.stats(), **self.counters.snapshot(),
