@@ -27,6 +27,12 @@ def bench(*args, timeout=200):
                           timeout=timeout)
 
 
+def measured(records, impl):
+    """The workloads impl has a measurement for."""
+    return {r["workload"] for r in records if r["impl"] == impl
+            and r["metric"] not in ("skipped", "error", "mismatches")}
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     if os.geteuid() != 0:
@@ -46,8 +52,8 @@ def test_quick_run_writes_records_summary_and_charts(quick_run):
     assert records, "no records"
     for rec in records:
         assert EXPECTED_FIELDS <= set(rec), rec
-    measured = {r["impl"] for r in records if r["metric"] not in ("skipped", "error")}
-    assert {"native", "overlay"} <= measured
+    ran = {r["impl"] for r in records if r["metric"] not in ("skipped", "error")}
+    assert {"native", "overlay"} <= ran
     summary = (out / "summary.md").read_text()
     assert "## Correctness" in summary and "Ratios" in summary
     charts = sorted(p.name for p in out.glob("chart-*.png"))
@@ -75,14 +81,11 @@ def test_quick_run_correctness_passes_for_every_target_that_ran(quick_run):
 @pytest.mark.timeout(240)
 def test_quick_run_covers_unionfs_and_every_workload(quick_run):
     _out, records, _log = quick_run
-    def measured(impl):
-        return {r["workload"] for r in records if r["impl"] == impl
-                and r["metric"] not in ("skipped", "error", "mismatches")}
-    workloads = measured("overlay")
+    workloads = measured(records, "overlay")
     for name in ("append-1M", "stat-all", "readdir-bigdir", "git-status", "compileall",
                  "latency", "mount", "untar-rm", "smallfile-copyup-4threads"):
         assert name in workloads
-    assert workloads <= measured("unionfs"), "unionfs must have run every workload"
+    assert workloads <= measured(records, "unionfs"), "unionfs must have run every workload"
 
 
 @pytest.mark.timeout(240)
@@ -99,13 +102,10 @@ def test_unionfs_runs_every_workload_without_error(quick_run):
 @pytest.mark.timeout(240)
 def test_the_pyfuse3_floor_runs_every_workload_and_is_a_ratio_baseline(quick_run):
     out, records, _log = quick_run
-    def measured(impl):
-        return {r["workload"] for r in records if r["impl"] == impl
-                and r["metric"] not in ("skipped", "error", "mismatches")}
     errors = [f"{r['workload']}: {r.get('reason')}" for r in records
               if r["impl"] == "pyfuse3-floor" and r["metric"] == "error"]
     assert not errors
-    assert measured("unionfs") <= measured("pyfuse3-floor")
+    assert measured(records, "unionfs") <= measured(records, "pyfuse3-floor")
     assert "vs the pyfuse3 floor" in (out / "summary.md").read_text()
 
 
