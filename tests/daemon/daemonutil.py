@@ -2,6 +2,7 @@
 test's own (tests/daemon/conftest.py has the fixtures that stop it)."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -57,7 +58,10 @@ class Daemon:
         return self.api("GET", "/v1/mounts")[1]
 
     def pooled_pids(self):
-        out = subprocess.run(["pgrep", "-f", "unionfs.serve.pooled"], capture_output=True,
+        # this install's pooled servers only: another install's test run on
+        # the same machine has its own
+        pattern = f"^{re.escape(VENV_BIN)}/python[0-9.]* -m unionfs.serve.pooled"
+        out = subprocess.run(["pgrep", "-f", pattern], capture_output=True,
                              text=True).stdout
         return {int(p) for p in out.split()}
 
