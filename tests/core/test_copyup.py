@@ -148,3 +148,21 @@ def test_the_first_copy_up_of_a_fresh_mount_finds_ready_inodes_and_threads(make_
         copied = {os.lstat(stack.upper / p).st_ino for p in ("d", "d/f")}
     assert copied <= pooled
     assert threads >= 1 + 4         # the loop's and the four copy-up workers
+
+
+def test_the_pool_grows_only_when_a_copy_up_finds_it_empty(make_stack):
+    stack = make_layers(make_stack(1))
+    u = stack.open_union()
+    pool = u.stack.temp_pool
+    try:
+        pool.refill()
+        pool.take(False)
+        pool.take(True)
+        pool.refill()       # tops the first few up again, no more
+        assert (len(pool.files), len(pool.dirs)) == pool.START
+        while pool.take(True) is not None:
+            pass
+        pool.refill()
+        assert (len(pool.files), len(pool.dirs)) == pool.FULL
+    finally:
+        u.close()

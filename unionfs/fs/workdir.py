@@ -34,7 +34,7 @@ class TempPool:
     # A few once the mount is live (the adapter fills the pool when the
     # kernel's INIT has arrived, in a worker thread: the mount's start does
     # not wait for it, and the first copy-up finds them); more once copy-ups
-    # show they are needed.
+    # find the pool empty.
     START = (4, 2)
     FULL = (32, 8)
 
@@ -47,10 +47,14 @@ class TempPool:
         self._closed = False
 
     def take(self, is_dir: bool) -> bytes | None:
-        self.want_files, self.want_dirs = self.FULL
         try:
             return (self.dirs if is_dir else self.files).popleft()
         except IndexError:
+            # copy-ups come faster than the refills: keep more ready. Growing
+            # on a miss only (not on the first take) spares a mount that
+            # copies up a file or two the CPU of making FULL inodes right
+            # while its first copy-up's writes arrive.
+            self.want_files, self.want_dirs = self.FULL
             return None
 
     def wanted(self) -> bool:
