@@ -24,8 +24,9 @@ MODES = (MODE_ON, MODE_FOLLOW, MODE_NOFOLLOW, MODE_OFF)
 XATTR_KERNEL = "trusted.overlay.redirect"
 XATTR_USER = "user.overlay.redirect"
 
-# the kernel refuses longer redirects (a rename then falls back to EXDEV)
-REDIRECT_MAX = 255
+# the kernel's redirect_max (its module parameter's default): a rename that
+# would write a longer value falls back to EXDEV
+REDIRECT_MAX = 256
 
 
 class InvalidRedirect(ValueError):
