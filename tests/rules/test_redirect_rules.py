@@ -137,3 +137,15 @@ def test_a_value_longer_than_redirect_max_is_refused():
     long_path = [(b"c" * 200, None), (b"p" * 100, None)]
     with pytest.raises(redirect.InvalidRedirect):
         redirect.value_for_rename(None, False, b"c" * 200, long_path)
+
+
+@pytest.mark.parametrize("mode, fmt, meaning", [
+    ("off", whiteout.FORMAT_KERNEL, "follow"),        # redirect_always_follow=Y, the default
+    ("off", whiteout.FORMAT_USERXATTR, "nofollow"),   # userxattr forces nofollow
+    ("off", whiteout.FORMAT_OCI, "nofollow"),
+    ("on", whiteout.FORMAT_KERNEL, "on"),
+    ("nofollow", whiteout.FORMAT_KERNEL, "nofollow"),
+    ("follow", whiteout.FORMAT_USERXATTR, "follow"),
+])
+def test_off_means_what_the_kernels_off_means(mode, fmt, meaning):
+    assert redirect.effective(mode, fmt) == meaning
