@@ -198,3 +198,30 @@ def test_a_bad_subtype_is_a_usage_error(text):
 def test_the_subtype_names_the_fuse_type():
     cfg = apply_options(MountConfig(), "lowerdir=/a,subtype=my-union")
     assert "subtype=my-union" in fuse_options(cfg, allow_other=False)
+
+
+@pytest.mark.parametrize("text, mode", [
+    ("", "off"), ("redirect_dir=on", "on"), ("redirect_dir=follow", "follow"),
+    ("redirect_dir=nofollow", "nofollow"), ("redirect_dir=off", "off"),
+    ("redirect_dir=on,redirect_dir=off", "off"),        # the last one wins, as for the kernel
+    ("whiteout=kernel,redirect_dir=on", "on"), ("userxattr,redirect_dir=on", "on"),
+    ("whiteout=oci,redirect_dir=follow", "follow"),
+])
+def test_redirect_dir_takes_the_kernels_modes(text, mode):
+    cfg = apply_options(MountConfig(), text)
+    assert cfg.redirect_dir == mode
+    assert MountConfig.from_json(cfg.to_json()).redirect_dir == mode
+
+
+@pytest.mark.parametrize("value", ["yes", "ON", "1", "onn", "follow\n"])
+def test_a_bad_redirect_dir_is_refused_in_one_line(value):
+    with pytest.raises(OptionError) as e:
+        apply_options(MountConfig(), f"redirect_dir={value}")
+    assert "redirect_dir= must be 'on', 'follow', 'nofollow' or 'off'" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["whiteout=oci,redirect_dir=on", "redirect_dir=on,whiteout=oci"])
+def test_redirect_dir_on_is_refused_with_the_oci_format(text):
+    with pytest.raises(OptionError, match="redirect_dir=on needs a format with xattrs"):
+        apply_options(MountConfig(), text)

@@ -23,7 +23,8 @@ behaviour:
                         OCI .wh. files otherwise)
   userxattr             keep markers and bookkeeping in user.* xattrs
   redirect_dir=on|follow|nofollow|off   rename lower directories by a redirect (on),
-                        follow redirects without making them (follow); default off
+                        follow redirects without making them (follow), refuse them
+                        (nofollow); default off: the kernel's (docs/redirect.md)
 ownership (fuse-overlayfs's meaning; see docs/rootless.md):
   uidmapping=C:H:N[:C:H:N...]   gidmapping=...   owners shown and stored through maps
   squash_to_root  squash_to_uid=N  squash_to_gid=N   show every owner as one id

@@ -139,7 +139,8 @@ def readdir(stack: Stack, fh, start: int):
     node is None for an entry that is listed without attributes: a whiteout
     in xattr form in a directory not marked for them, which the kernel's
     readdir lists (it does not look) but its lookup hides; the kernel then
-    asks for it by name, and is told it does not exist."""
+    asks for it by name, and is told it does not exist. Likewise a directory
+    whose redirect the mount refuses to follow: its lookup fails with EPERM."""
     h = handle(stack, fh, DirHandle)
     node = h.node
     dirs = stack.dirs
@@ -163,7 +164,16 @@ def readdir(stack: Stack, fh, start: int):
                 and whiteout.has_whiteout_xattr(dirfd_of(found.layer), name):
             yield i + 1, name, None, found
         else:
-            yield i + 1, name, node_for(stack, node, name, found), found
+            try:
+                child = node_for(stack, node, name, found)
+            except OSError as e:
+                if e.errno != errno.EPERM:
+                    raise
+                # a redirect the mount does not follow (fs.lookup.follow_redirect):
+                # listed as the kernel lists it; its lookup is refused
+                yield i + 1, name, None, found
+                continue
+            yield i + 1, name, child, found
 
 
 def releasedir(stack: Stack, fh) -> None:

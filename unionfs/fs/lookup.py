@@ -42,9 +42,19 @@ def probe(stack: Stack, parent: Node, name: bytes):
 def follow_redirect(stack: Stack, parent: Node, name: bytes, found):
     """`found` (a probe result for parent/name), with its merged layers
     taken from the redirected places if the directory holds a redirect and
-    the mount follows them (fs.redirect)."""
-    if found.layers and found.places is None and redirect_mode(stack) in FOLLOWING \
-            and _has_redirect(stack, parent, name, found.layers):
+    the mount follows them (fs.redirect). A mount that does not follow them
+    refuses the lookup (EPERM), as the kernel's ("refusing to follow
+    redirect"): the directory is not shown without its lower contents."""
+    if not found.layers or found.places is not None or redirect.xattr_name(stack.fmt) is None:
+        return found
+    if redirect_mode(stack) not in FOLLOWING:
+        # only where the parent has layers below the redirect's: the kernel
+        # reads no redirect in the last layer of the parent's stack
+        below = [li for li in found.layers if any(pl > li for pl in parent.layers)]
+        if below and _has_redirect(stack, parent, name, below):
+            raise err(errno.EPERM, name)
+        return found
+    if _has_redirect(stack, parent, name, found.layers):
         return probe_redirected(stack, parent, name) or found
     return found
 
@@ -53,8 +63,9 @@ FOLLOWING = tuple(m for m in redirect.MODES if redirect.follows(m))
 
 
 def redirect_mode(stack: Stack) -> str:
-    """The mount's redirect_dir mode (fs.redirect); "off" unless set."""
-    return stack.redirect_dir
+    """The mount's redirect_dir mode (fs.redirect), "off" resolved as the
+    kernel resolves it (fs.redirect.effective)."""
+    return redirect.effective(stack.redirect_dir, stack.fmt)
 
 
 def read_redirect(stack: Stack, dirfd: int, name: bytes) -> bytes | None:

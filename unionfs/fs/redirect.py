@@ -8,7 +8,9 @@ The value is the old name alone (relative: looked up in the parent's
 directory of each lower layer) when the directory stays in its parent, else
 a path from the layer root starting with "/" (absolute). Lookups that follow
 redirects (``on``, ``follow``) continue in each lower layer at the
-redirected path; ``nofollow`` and ``off`` ignore them.
+redirected path; ``nofollow`` refuses a lookup that meets one (EPERM, as
+the kernel's); ``off`` is the kernel's default meaning: ``follow`` in the
+kernel's format, ``nofollow`` in the userxattr one (effective()).
 
 Pure rules: values, their checks, the value a rename writes. Reading and
 writing the xattr on disk is fs.lookup's and fs.namespace's.
@@ -24,12 +26,23 @@ MODES = (MODE_ON, MODE_FOLLOW, MODE_NOFOLLOW, MODE_OFF)
 XATTR_KERNEL = "trusted.overlay.redirect"
 XATTR_USER = "user.overlay.redirect"
 
-# the kernel refuses longer redirects (a rename then falls back to EXDEV)
-REDIRECT_MAX = 255
+# the kernel's redirect_max (its module parameter's default): a rename that
+# would write a longer value falls back to EXDEV
+REDIRECT_MAX = 256
 
 
 class InvalidRedirect(ValueError):
     """A redirect xattr whose value is not one the kernel would follow."""
+
+
+def effective(mode: str, fmt: str) -> str:
+    """What "off" means: the kernel's redirect_dir=off is "follow" when its
+    redirect_always_follow is set (its Kconfig default) and "nofollow" with
+    userxattr (which forces nofollow unless a mode is given). The other
+    modes are what they say."""
+    if mode != MODE_OFF:
+        return mode
+    return MODE_FOLLOW if fmt == whiteout.FORMAT_KERNEL else MODE_NOFOLLOW
 
 
 def creates(mode: str) -> bool:
