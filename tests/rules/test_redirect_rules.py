@@ -149,3 +149,13 @@ def test_a_value_longer_than_redirect_max_is_refused():
 ])
 def test_off_means_what_the_kernels_off_means(mode, fmt, meaning):
     assert redirect.effective(mode, fmt) == meaning
+
+
+@pytest.mark.parametrize("mode, fmt, refused", [
+    ("on", whiteout.FORMAT_KERNEL, False), ("follow", whiteout.FORMAT_KERNEL, False),
+    ("on", whiteout.FORMAT_USERXATTR, True), ("follow", whiteout.FORMAT_USERXATTR, True),
+    ("nofollow", whiteout.FORMAT_USERXATTR, False), ("off", whiteout.FORMAT_USERXATTR, False),
+    ("on", whiteout.FORMAT_OCI, True), ("follow", whiteout.FORMAT_OCI, False),
+])
+def test_which_modes_a_format_refuses(mode, fmt, refused):
+    assert (redirect.refused_with(mode, fmt) is not None) == refused

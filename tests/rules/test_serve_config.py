@@ -204,7 +204,7 @@ def test_the_subtype_names_the_fuse_type():
     ("", "off"), ("redirect_dir=on", "on"), ("redirect_dir=follow", "follow"),
     ("redirect_dir=nofollow", "nofollow"), ("redirect_dir=off", "off"),
     ("redirect_dir=on,redirect_dir=off", "off"),        # the last one wins, as for the kernel
-    ("whiteout=kernel,redirect_dir=on", "on"), ("userxattr,redirect_dir=on", "on"),
+    ("whiteout=kernel,redirect_dir=on", "on"), ("userxattr,redirect_dir=nofollow", "nofollow"),
     ("whiteout=oci,redirect_dir=follow", "follow"),
 ])
 def test_redirect_dir_takes_the_kernels_modes(text, mode):
@@ -218,6 +218,15 @@ def test_a_bad_redirect_dir_is_refused_in_one_line(value):
     with pytest.raises(OptionError) as e:
         apply_options(MountConfig(), f"redirect_dir={value}")
     assert "redirect_dir= must be 'on', 'follow', 'nofollow' or 'off'" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["userxattr,redirect_dir=on", "redirect_dir=follow,userxattr",
+                                  "whiteout=userxattr,redirect_dir=on"])
+def test_redirects_are_refused_with_the_userxattr_format_as_by_the_kernel(text):
+    with pytest.raises(OptionError) as e:
+        apply_options(MountConfig(), text)
+    assert "cannot be used with the userxattr format" in str(e.value)
     assert "\n" not in str(e.value)
 
 

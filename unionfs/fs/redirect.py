@@ -2,8 +2,9 @@
 
 With ``redirect_dir=on`` a directory that comes from a lower layer can be
 renamed: it is copied up alone and its upper copy records where its lower
-contents are, in the redirect xattr (``trusted.overlay.redirect``, or
-``user.overlay.redirect`` in the userxattr format; the OCI format has none).
+contents are, in the redirect xattr ``trusted.overlay.redirect``. The
+userxattr format takes no redirects (``user.overlay.redirect`` is only
+recognised, to be refused: refused_with()); the OCI format has none.
 The value is the old name alone (relative: looked up in the parent's
 directory of each lower layer) when the directory stays in its parent, else
 a path from the layer root starting with "/" (absolute). Lookups that follow
@@ -53,6 +54,24 @@ def creates(mode: str) -> bool:
 def follows(mode: str) -> bool:
     """Do lookups continue in the lower layers at a redirected path?"""
     return mode in (MODE_ON, MODE_FOLLOW)
+
+
+def refused_with(mode: str, fmt: str) -> str | None:
+    """Why a mode cannot be used with a marker format (one line), or None.
+
+    Redirects are followed only where no plain user can set them: the
+    kernel refuses redirect_dir=on and follow with userxattr, since anyone
+    who owns an upper directory may set user.* xattrs on it, and a redirect
+    would then show a lower directory without the permission checks of its
+    ancestors. unionfs refuses the same (the OCI format has no redirects)."""
+    if fmt == whiteout.FORMAT_USERXATTR and mode in (MODE_ON, MODE_FOLLOW):
+        return (f"redirect_dir={mode} cannot be used with the userxattr format (user.* "
+                "redirects can be set by any owner of an upper directory; the kernel "
+                "refuses it too)")
+    if fmt == whiteout.FORMAT_OCI and mode == MODE_ON:
+        return ("redirect_dir=on needs a format with xattrs: the OCI whiteout format has "
+                "no redirects")
+    return None
 
 
 def xattr_name(fmt: str) -> str | None:

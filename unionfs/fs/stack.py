@@ -14,11 +14,12 @@ import stat
 from dataclasses import dataclass
 
 from ..sys import libc
-from . import copyup, owners, whiteout, workdir
+from . import copyup, owners, redirect, whiteout, workdir
 from .dircache import DirCache
 from .idmap import IdOptions
 from .inodes import ROOT_INO, Node, NodeTable
 from .layers import Layer
+from .profile import ProfileError
 from .profile import probe as probe_profile
 
 UPPER = 0
@@ -79,6 +80,10 @@ class Stack:
             # a given profile (tests, a server told what it may do) is not probed
             self.profile = profile or probe_profile(self.work_fd if self.writable else None,
                                                     whiteout_format)
+            # the format may have been chosen just now (by what the server may write)
+            refused = redirect.refused_with(redirect_dir, self.profile.whiteout_format)
+            if refused:
+                raise ProfileError(refused)
             # the owner rules (fs.owners; None: nothing to translate)
             self.id_options = id_options or IdOptions()
             roots = [None if layer is None else whiteout.fd_path(layer.fd)

@@ -8,7 +8,7 @@ that are not valid UTF-8 survive the trip (surrogateescape, as os gives them).
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from ..fs import idmap
+from ..fs import idmap, redirect
 
 # Generic mount(8) flags: accepted, and passed to the kernel where they mean something.
 GENERIC_FLAGS = {
@@ -201,9 +201,10 @@ def apply_options(cfg: MountConfig, text: str) -> MountConfig:
             pass
         else:
             raise OptionError(f"unknown option '{shown(item)}'")
-    if cfg.redirect_dir == "on" and cfg.whiteout_format == "oci":
-        raise OptionError("redirect_dir=on needs a format with xattrs: the OCI whiteout "
-                          "format has no redirects")
+    refused = cfg.whiteout_format and redirect.refused_with(cfg.redirect_dir,
+                                                           cfg.whiteout_format)
+    if refused:
+        raise OptionError(refused)
     return cfg
 
 
