@@ -184,8 +184,9 @@ def test_foreground_is_the_python_programs(daemon, layers):
 
 def test_a_mount_unmounted_at_once_leaves_the_daemon_running(daemon, layers):
     """The event relay met a server gone before it asked: the daemon died
-    (BrokenResourceError out of its nursery)."""
-    for _ in range(5):
+    (BrokenResourceError out of its nursery) when the server was gone before
+    it asked; a race, so this catches it only sometimes."""
+    for _ in range(10):
         res, python = run([FUSE_UNIONFS, "-o", options(layers), str(layers.mnt)], daemon.env)
         assert res.returncode == 0 and not python, res.stderr
         subprocess.run(["umount", str(layers.mnt)], check=True)
