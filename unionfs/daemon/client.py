@@ -9,6 +9,10 @@ them; it returns once the server answered. If no daemon answers it returns
 None and the caller starts its own server as before. Only the standard
 library and light unionfs modules are imported on this path.
 
+The installed fuse-unionfs is a C client that does the same without Python
+(client/fuse-unionfs-client.c): the daemon's prepare op (daemon.prepare)
+parses and checks for it, with layout() and mount_request() here.
+
 `api(method, path, body)` talks to the control API (HTTP/1.1 over the UNIX
 socket) for the CLI's ps/stats/which/events.
 """
