@@ -20,7 +20,7 @@ PREFIX=${UNIONFS_PREFIX:-/opt/unionfs}
 VENV="$PREFIX/venv"
 
 APT_PACKAGES=(
-  fuse3 libfuse3-dev pkg-config attr acl git xz-utils
+  fuse3 libfuse3-dev pkg-config attr acl git xz-utils strace
   python3.11 python3.11-venv python3.11-dev gcc
   fuse-overlayfs unionfs-fuse busybox-static xfsprogs
   bubblewrap runc podman uidmap
