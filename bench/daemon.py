@@ -3,9 +3,12 @@
 Interleaved rounds (each round runs every contender once), medians:
 - mount_first_stat: `unionfs mount` through a running daemon, then one
   stat in the mount, against fuse-overlayfs's mount + stat, and unionfs
-  without a daemon (a server started for the mount);
+  without a daemon (a server started for the mount); and fuse-unionfs's
+  command line through the daemon: the installed fuse-unionfs (the C
+  client, client/) and the Python program (fuse-unionfs-py), side by side;
 - podman_run: `podman run --rm IMG true` (root) with fuse-unionfs through
-  the daemon against fuse-overlayfs;
+  the daemon against fuse-overlayfs (and with fuse-unionfs-py, the Python
+  client, as the mount program, where it is installed);
 - run_true: `unionfs run --lower ROOTFS -- /bin/true` end to end through
   the daemon and without it, against `podman run --rm IMG true` with
   fuse-overlayfs;
@@ -28,6 +31,8 @@ import time
 
 UNIONFS = os.path.join(os.path.dirname(sys.executable), "unionfs")
 FUSE_OVERLAYFS = shutil.which("fuse-overlayfs") or "/usr/bin/fuse-overlayfs"
+FUSE_UNIONFS = os.path.join(os.path.dirname(sys.executable), "fuse-unionfs")
+FUSE_UNIONFS_PY = os.path.join(os.path.dirname(sys.executable), "fuse-unionfs-py")
 
 
 def _ms(start):
@@ -94,13 +99,17 @@ def measure_daemon(reps=15, notes=None, log=print):
     try:
         daemon.wait_pool(4)
         no_daemon = {**os.environ, "UNIONFS_NO_DAEMON": "1"}
+        fuse_programs = {"fuse-unionfs-daemon": FUSE_UNIONFS}
+        if os.path.exists(FUSE_UNIONFS_PY):
+            fuse_programs["fuse-unionfs-py-daemon"] = FUSE_UNIONFS_PY
         for rep in range(reps):
-            for impl in ("fuse-overlayfs", "unionfs-daemon", "unionfs-no-daemon"):
+            for impl in ("fuse-overlayfs", "unionfs-daemon", "unionfs-no-daemon",
+                         *fuse_programs):
                 low, up, work, mnt = _layers(root, f"{impl}-{rep}")
-                if impl == "fuse-overlayfs":
-                    argv = [FUSE_OVERLAYFS, "-o", f"lowerdir={low},upperdir={up},workdir={work}",
-                            mnt]
-                    value = _mount_and_stat(argv, mnt)
+                if impl == "fuse-overlayfs" or impl in fuse_programs:
+                    argv = [fuse_programs.get(impl, FUSE_OVERLAYFS),
+                            "-o", f"lowerdir={low},upperdir={up},workdir={work}", mnt]
+                    value = _mount_and_stat(argv, mnt, daemon.env)
                 else:
                     argv = [UNIONFS, "mount", "--lower", low, "--upper", up, "--work", work, mnt]
                     value = _mount_and_stat(argv, mnt, daemon.env if impl == "unionfs-daemon"
@@ -149,6 +158,9 @@ def measure_podman(reps=10, notes=None):
             return {**super().env(), "UNIONFS_SOCKET": daemon.socket}
     engines = {"fuse-overlayfs": Podman("fuse-overlayfs", os.path.join(root, "o")),
                "fuse-unionfs-daemon": Through("fuse-unionfs", os.path.join(root, "u"))}
+    if os.path.exists(FUSE_UNIONFS_PY):
+        engines["fuse-unionfs-py-daemon"] = Through("fuse-unionfs", os.path.join(root, "p"))
+        engines["fuse-unionfs-py-daemon"].path = FUSE_UNIONFS_PY
     try:
         for pm in engines.values():
             pm.load_image(tar)

@@ -7,6 +7,8 @@
 # copy of this checkout (not an editable link: the checkout may sit under a
 # 0700 home, and a plain user, or podman's mount program in a user namespace,
 # must be able to run it). It is reinstalled whenever the sources change.
+# fuse-unionfs is a small C program (client/) built here with gcc: the
+# daemon's fast path, which execs the Python fuse-unionfs-py for the rest.
 # `unionfs` and `fuse-unionfs` are linked into /usr/local/bin (mount(8) runs
 # helpers through /bin/sh with a default PATH, so they must not need the venv
 # active), and /dev/fuse is made usable by plain users, as udev does on an
@@ -18,7 +20,7 @@ PREFIX=${UNIONFS_PREFIX:-/opt/unionfs}
 VENV="$PREFIX/venv"
 
 APT_PACKAGES=(
-  fuse3 libfuse3-dev pkg-config attr acl git xz-utils
+  fuse3 libfuse3-dev pkg-config attr acl git xz-utils strace
   python3.11 python3.11-venv python3.11-dev gcc
   fuse-overlayfs unionfs-fuse busybox-static xfsprogs
   bubblewrap runc podman uidmap
@@ -61,6 +63,21 @@ if [ ! -e "$src_stamp" ]; then
   rm -rf build ./*.egg-info
   rm -f "$VENV"/.src-*
   touch "$src_stamp"
+fi
+# The installed fuse-unionfs is the C client (client/fuse-unionfs-client.c): it
+# mounts through a daemon without starting Python, and execs the Python program
+# (the console script fuse-unionfs-py) for everything else. Built once per
+# change of its source (or of the prefix it names), and whenever it is missing
+# (pip removes an older install's fuse-unionfs script on reinstall).
+client_src=client/fuse-unionfs-client.c
+client_stamp="$VENV/.client-$( (cat "$client_src"; echo "$VENV") | sha1sum | cut -c1-12)"
+if [ ! -e "$client_stamp" ] || [ ! -x "$VENV/bin/fuse-unionfs" ] \
+    || [ -L "$VENV/bin/fuse-unionfs" ] || head -c2 "$VENV/bin/fuse-unionfs" | grep -q '#!'; then
+  gcc -std=gnu11 -O2 -Wall -Wextra -Werror -DFALLBACK="\"$VENV/bin/fuse-unionfs-py\"" \
+    -o "$VENV/bin/.fuse-unionfs.new" "$client_src"
+  mv -f "$VENV/bin/.fuse-unionfs.new" "$VENV/bin/fuse-unionfs"
+  rm -f "$VENV"/.client-*
+  touch "$client_stamp"
 fi
 chmod -R a+rX "$PREFIX"
 # UNIONFS_LINK_BIN=0: a second install beside the main one (say, a branch

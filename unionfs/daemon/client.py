@@ -9,6 +9,10 @@ them; it returns once the server answered. If no daemon answers it returns
 None and the caller starts its own server as before. Only the standard
 library and light unionfs modules are imported on this path.
 
+The installed fuse-unionfs is a C client that does the same without Python
+(client/fuse-unionfs-client.c): the daemon's prepare op (daemon.prepare)
+parses and checks for it, with layout() and mount_request() here.
+
 `api(method, path, body)` talks to the control API (HTTP/1.1 over the UNIX
 socket) for the CLI's ps/stats/which/events.
 """
@@ -47,23 +51,47 @@ def daemon_socket(explicit=None):
         return None
 
 
-def fuse_mount_options(cfg) -> tuple:
-    """(mount flags, FUSE options) as the server itself would mount them."""
-    from ..sys.capabilities import CAP_SYS_ADMIN, effective_capabilities, is_privileged
+def fuse_mount_options(cfg, capabilities=None) -> tuple:
+    """(mount flags, FUSE options) as the server itself would mount them, for a
+    client with these effective capabilities (default: this process's) in this
+    process's user namespace (the daemon's prepare op asks in the client's)."""
+    from ..sys.capabilities import CAP_SYS_ADMIN, effective_capabilities, in_init_user_namespace
+    caps = effective_capabilities() if capabilities is None else capabilities
     flags = [f for f in cfg.flags if f != "rw"]
     if cfg.upper is None and "ro" not in flags:
         flags.append("ro")
     options = {"default_permissions"}
-    if is_privileged():
+    if CAP_SYS_ADMIN in caps and in_init_user_namespace():     # real root
         options.add("allow_other")
         flags = [f for f in flags if f not in ("dev", "suid")]
         if "nodev" not in flags:
             flags.append("dev")
         if "nosuid" not in flags:
             flags.append("suid")
-    elif CAP_SYS_ADMIN in effective_capabilities():
+    elif CAP_SYS_ADMIN in caps:
         options.add("allow_other")      # root of a user namespace (podman's mount program)
     return flags, options
+
+
+def layout(cfg) -> tuple:
+    """(paths to open O_PATH|O_DIRECTORY, in order, and the request's "fds")
+    for a validated cfg: the layers, then the client's user and mount
+    namespaces, then its /dev/fuse descriptor."""
+    paths_ = list(cfg.lowers)
+    named = {"lowers": list(range(len(cfg.lowers)))}
+    if cfg.upper is not None:
+        named["upper"], named["work"] = len(paths_), len(paths_) + 1
+        paths_ += [cfg.upper, cfg.work]
+    named["userns"], named["mntns"], named["fuse"] = (len(paths_), len(paths_) + 1,
+                                                      len(paths_) + 2)
+    return paths_, named
+
+
+def mount_request(cfg, named, flags, options) -> dict:
+    """The "mount" message for the mount socket (daemon.mounting)."""
+    return {"op": "mount", "config": cfg.to_json(), "fds": named,
+            "mountpoint": cfg.mountpoint, "source": cfg.source, "lowers": cfg.lowers,
+            "upper": cfg.upper, "work": cfg.work, "options": sorted(options | set(flags))}
 
 
 def mount(cfg, socket_path=None):
@@ -83,25 +111,15 @@ def mount(cfg, socket_path=None):
     fuse_fd = None
     try:
         validate(cfg)
-        named = {"lowers": []}
-        for path in cfg.lowers:
-            named["lowers"].append(len(fds))
+        layer_paths, named = layout(cfg)
+        for path in layer_paths:
             fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-        if cfg.upper is not None:
-            for key, path in (("upper", cfg.upper), ("work", cfg.work)):
-                named[key] = len(fds)
-                fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         for key in ("user", "mnt"):
-            named[key + "ns"] = len(fds)
             fds.append(os.open(f"/proc/self/ns/{key}", os.O_RDONLY | os.O_CLOEXEC))
         flags, options = fuse_mount_options(cfg)
         fuse_fd = fusemount.mount(cfg.mountpoint, cfg.source, cfg.subtype, flags, options)
-        named["fuse"] = len(fds)
         fds.append(fuse_fd)
-        request = {"op": "mount", "config": cfg.to_json(), "fds": named,
-                   "mountpoint": cfg.mountpoint, "source": cfg.source, "lowers": cfg.lowers,
-                   "upper": cfg.upper, "work": cfg.work,
-                   "options": sorted(options | set(flags))}
+        request = mount_request(cfg, named, flags, options)
         sock.settimeout(ANSWER_TIMEOUT)
         wire.send_message(sock, request, fds)
         answer, extra = wire.recv_message(sock)

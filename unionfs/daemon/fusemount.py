@@ -7,6 +7,9 @@ mount (CAP_SYS_ADMIN over its mount namespace: real root, or root of a user
 namespace that owns it, as podman's mount program is) it calls mount(2) with
 `fd=N`; else it asks fusermount3, the setuid helper, which mounts and hands
 the descriptor back over a socket (_FUSE_COMMFD), as libfuse does.
+client/fuse-unionfs-client.c does the same in C, with the bits and option
+strings computed here (mount_bits, fusermount_options: the daemon's prepare
+op sends them).
 """
 import array
 import os
@@ -43,6 +46,20 @@ def mount(mountpoint: str, source: str, subtype: str, flags, options) -> int:
         return _mount_with_fusermount(mountpoint, source, subtype, flags, options)
 
 
+def mount_bits(flags) -> int:
+    """The MS_* bits of mount(2) for mount(8) flags."""
+    bits = 0
+    for flag in flags:
+        bits |= _FLAG_BITS.get(flag, 0)
+    return bits
+
+
+def fusermount_options(source, subtype, flags, options) -> str:
+    """fusermount3's -o for a mount."""
+    return ",".join([f"fsname={source}", f"subtype={subtype}",
+                     *sorted(f for f in flags if f in _FUSERMOUNT_FLAGS), *sorted(options)])
+
+
 def _mount_directly(mountpoint, source, subtype, flags, options) -> int:
     mode = os.stat(mountpoint).st_mode
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
@@ -50,10 +67,7 @@ def _mount_directly(mountpoint, source, subtype, flags, options) -> int:
         data = ",".join([f"fd={fd}", f"rootmode={stat.S_IFMT(mode):o}",
                          f"user_id={os.getuid()}", f"group_id={os.getgid()}",
                          *sorted(options)])
-        bits = 0
-        for flag in flags:
-            bits |= _FLAG_BITS.get(flag, 0)
-        libc.mount(source, mountpoint, f"fuse.{subtype}", bits, data)
+        libc.mount(source, mountpoint, f"fuse.{subtype}", mount_bits(flags), data)
     except BaseException:
         os.close(fd)
         raise
@@ -64,9 +78,7 @@ def _mount_with_fusermount(mountpoint, source, subtype, flags, options) -> int:
     import subprocess
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        opts = ",".join([f"fsname={source}", f"subtype={subtype}",
-                         *sorted(f for f in flags if f in _FUSERMOUNT_FLAGS),
-                         *sorted(options)])
+        opts = fusermount_options(source, subtype, flags, options)
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
         proc = subprocess.run(["fusermount3", "-o", opts, "--", mountpoint], env=env,
                               pass_fds=[theirs.fileno()], capture_output=True, text=True)

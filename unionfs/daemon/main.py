@@ -21,7 +21,7 @@ import sys
 
 import trio
 
-from . import api, http, mounting, paths
+from . import api, http, mounting, paths, prepare  # noqa: F401 (loaded ahead)
 from .pool import Pool
 from .registry import Registry
 
@@ -110,22 +110,28 @@ class Daemon:
             stream = await trio.open_unix_socket(mount.control)
         except OSError:
             return
-        async with stream:
-            await stream.send_all(b'{"op": "events"}\n')
-            buffer = b""
-            import json
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buffer += data
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    event = json.loads(line)
-                    if event.get("subscribed"):
-                        continue
-                    event.update(id=mount.id, owner_uid=mount.owner_uid)
-                    self.events.publish(event)
+        try:
+            async with stream:
+                await self._relay_stream(stream, mount)
+        except (OSError, trio.BrokenResourceError):
+            return      # the mount went away (and its server with it) under us
+
+    async def _relay_stream(self, stream, mount) -> None:
+        await stream.send_all(b'{"op": "events"}\n')
+        buffer = b""
+        import json
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                event = json.loads(line)
+                if event.get("subscribed"):
+                    continue
+                event.update(id=mount.id, owner_uid=mount.owner_uid)
+                self.events.publish(event)
 
     async def run(self) -> None:
         os.makedirs(os.path.dirname(self.api_socket), mode=0o755, exist_ok=True)

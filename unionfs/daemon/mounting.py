@@ -10,6 +10,10 @@ user namespace descriptor is the client's own, translates the ids into that
 namespace, and has the server become exactly that. Then it forwards the
 message and descriptors to a pooled server, waits for its answer, records
 the mount, and answers the client.
+
+A client that cannot parse and check a command line itself (the C
+fuse-unionfs) asks first with {"op": "prepare"} on its own connection
+(daemon.prepare), then sends the same mount request.
 """
 import os
 import secrets
@@ -108,8 +112,12 @@ async def handle(sock, daemon):
         peer = wire.peer_credentials(sock)
         message, fds = await receive(sock)
         try:
-            mount = await _mount(daemon, peer, message, fds)
-            answer = {"ready": True, "id": mount.id, "pid": mount.pid}
+            if message.get("op") == "prepare":
+                from .prepare import prepare
+                answer = await prepare(peer, message, fds)
+            else:
+                mount = await _mount(daemon, peer, message, fds)
+                answer = {"ready": True, "id": mount.id, "pid": mount.pid}
         except Refused as e:
             answer = {"error": str(e)}
         await sock.send(wire.encode(answer))

@@ -11,7 +11,8 @@ clients find it with UNIONFS_SOCKET=PATH. Next to the API socket:
                     each server's own control socket: a restarted daemon
                     finds its servers there
 
-Standard library only (clients import it on every mount).
+Standard library only (clients import it on every mount). The C client
+(client/fuse-unionfs-client.c) repeats default_socket's rule.
 """
 import os
 

@@ -11,9 +11,10 @@ CAP_SYS_ADMIN = 21
 CAP_MKNOD = 27
 
 
-def effective_capabilities() -> frozenset:
-    """The capability numbers in this process's effective set."""
-    with open("/proc/self/status") as f:
+def effective_capabilities(pid="self") -> frozenset:
+    """The capability numbers in this process's effective set (or pid's: the
+    daemon reads its client's)."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("CapEff:"):
                 mask = int(line.split()[1], 16)
