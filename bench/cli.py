@@ -8,6 +8,7 @@ import time
 
 import click
 
+from . import debian as debianmod
 from . import extras as extrasmod
 from . import report
 from . import scale as scalemod
@@ -16,7 +17,9 @@ from . import suite as suitemod
 from .targets import all_targets
 from .workloads import GROUPS, build_workloads
 
-CONFIGS = ("ext4", "xfs-reflink", "scale")
+CONFIGS = ("ext4", "xfs-reflink", "scale", "debian")
+# --quick never builds the Debian rootfs unless asked for (--configs debian)
+QUICK_CONFIGS = ("ext4", "xfs-reflink", "scale")
 # On the XFS image only copy-up is measured: that is where reflink changes the cost.
 XFS_GROUPS = ("copyup", "metadata-copyup")
 
@@ -34,8 +37,8 @@ def _split(values):
 @click.option("--workloads", "workload_names", multiple=True, metavar="NAME[,NAME]",
               help="Only these workloads or workload groups (default: all).")
 @click.option("--configs", "config_names", multiple=True, metavar="NAME[,NAME]",
-              help="ext4 (the host filesystem), xfs-reflink, scale (default: all); "
-                   "none: only the --extras.")
+              help="ext4 (the host filesystem), xfs-reflink, scale, debian (default: all; "
+                   "--quick: all but debian); none: only the --extras.")
 @click.option("--extras", "extra_names", multiple=True, metavar="NAME[,NAME]",
               help="Also run these benchmarks: startup, podman, images, daemon (bench.extras).")
 @click.option("--reps", type=click.IntRange(1), help="Repetitions (default 5; --quick 1).")
@@ -56,6 +59,10 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
             click.echo(f"target   {t.name:20} {'unavailable: ' + reason if reason else ''}")
         for w in build_workloads({"params": dataclasses.asdict(params)}):
             click.echo(f"workload {w.name:28} group {w.group}")
+        for w in scalemod.build_workloads() + debianmod.build_workloads():
+            click.echo(f"workload {w.name:28} group {w.group} (config {w.group})")
+        for name in CONFIGS:
+            click.echo(f"config   {name}")
         return
     known = [t.name for t in targets]
     wanted = _split(target_names)
@@ -68,7 +75,7 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
     for name in extras:
         if name not in extrasmod.NAMES:
             raise click.UsageError(f"unknown extra {name!r}; known: {', '.join(extrasmod.NAMES)}")
-    configs = _split(config_names) or list(CONFIGS)
+    configs = _split(config_names) or list(QUICK_CONFIGS if quick else CONFIGS)
     if configs == ["none"]:
         configs = []
     for name in configs:
@@ -93,7 +100,9 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
             raise click.ClickException(f"cannot build the stack: {e}") from None
     all_workloads = build_workloads(base.meta if base else {"params": dataclasses.asdict(params)})
     scale_workloads = scalemod.build_workloads()
-    known_workloads = {w.name for w in all_workloads + scale_workloads} | set(GROUPS) | {"scale"}
+    debian_workloads = debianmod.build_workloads()
+    known_workloads = ({w.name for w in all_workloads + scale_workloads + debian_workloads}
+                       | set(GROUPS) | {"scale", "debian"})
     for name in wanted_workloads:
         if name not in known_workloads:
             raise click.UsageError(f"unknown workload {name!r}; known: "
@@ -118,6 +127,18 @@ def bench(quick, out_dir, target_names, workload_names, config_names, reps, heav
                 scale_stack = scalemod.build(scalemod.QUICK if quick else scalemod.FULL, log)
                 config_objs.append(suitemod.Config(
                     "scale", scale_stack, suitemod.fstype_of(scale_stack.root), chosen))
+            elif name == "debian":
+                chosen = select(workloads=debian_workloads)
+                if not chosen:
+                    continue
+                try:
+                    debian_stack = debianmod.build(log=log)
+                except (OSError, debianmod.BuildError) as e:
+                    log(f"debian: skipped: {e}")
+                    skipped_configs.append(("debian", str(e)))
+                    continue
+                config_objs.append(suitemod.Config(
+                    "debian", debian_stack, suitemod.fstype_of(debian_stack.root), chosen))
             else:
                 chosen = select(XFS_GROUPS)
                 if quick:  # the smoke run keeps to the data copy-ups there

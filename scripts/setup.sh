@@ -24,7 +24,7 @@ APT_PACKAGES=(
   python3.11 python3.11-venv python3.11-dev gcc
   fuse-overlayfs unionfs-fuse busybox-static xfsprogs
   bubblewrap runc podman uidmap
-  umoci skopeo docker-registry debootstrap
+  umoci skopeo docker-registry debootstrap rsync
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
