@@ -3,28 +3,15 @@
 No timing is asserted: the test checks that records, summary and charts are
 produced and that the untimed correctness check passed for every target that ran.
 """
-import json
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
+from benchutil import bench, bench_run
 
 from bench import workloads
 
 EXPECTED_FIELDS = {"impl", "workload", "metric", "value", "unit", "rep", "kernel", "fstype",
                    "version", "commit", "config"}
-
-
-def unionfs_command():
-    beside = os.path.join(os.path.dirname(sys.executable), "unionfs")
-    return [beside] if os.path.exists(beside) else [shutil.which("unionfs") or "unionfs"]
-
-
-def bench(*args, timeout=200):
-    return subprocess.run(unionfs_command() + ["bench", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def measured(records, impl):
@@ -39,11 +26,8 @@ def quick_run(tmp_path_factory):
         pytest.skip("unionfs bench mounts filesystems and needs root")
     pytest.importorskip("matplotlib", reason="the bench extra (matplotlib) is not installed")
     out = tmp_path_factory.mktemp("bench-out")
-    proc = bench("--quick", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out / "records.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    return out, records, proc.stderr
+    records, log = bench_run(out, "--quick")
+    return out, records, log
 
 
 @pytest.mark.timeout(240)

@@ -9,13 +9,11 @@ back. No timing is asserted. The first run builds the rootfs with debootstrap
 Without a mount: an unfinished build is never taken for a cached one, and its
 leftovers are removed without deleting through what is mounted in them.
 """
-import json
 import os
-import shutil
 import subprocess
-import sys
 
 import pytest
+from benchutil import bench, bench_run
 
 from bench import correctness, debian
 
@@ -24,24 +22,14 @@ FUSE_TARGETS = ("fuse-overlayfs", "unionfs-volatile", "pyfuse3-floor")
 WORKLOADS = [w.name for w in debian.build_workloads()]
 
 
-def bench(*args, timeout):
-    beside = os.path.join(os.path.dirname(sys.executable), "unionfs")
-    command = beside if os.path.exists(beside) else shutil.which("unionfs") or "unionfs"
-    return subprocess.run([command, "bench", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def debian_run(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("unionfs bench mounts filesystems and needs root")
     out = tmp_path_factory.mktemp("bench-debian")
-    proc = bench("--configs", "debian", "--reps", "1", "--targets", ",".join(TARGETS),
-                 "--out", str(out), timeout=660)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out / "records.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    return out, records, proc.stderr
+    records, log = bench_run(out, "--configs", "debian", "--reps", "1",
+                             "--targets", ",".join(TARGETS), timeout=660)
+    return out, records, log
 
 
 @pytest.mark.timeout(720)
