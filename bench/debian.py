@@ -27,7 +27,6 @@ read-only on /mnt. Those are bind mounts in a mount namespace of the
 workload process's own: they vanish with that process, even a killed one.
 Nothing needs /proc.
 """
-import ctypes
 import dataclasses
 import datetime
 import hashlib
@@ -39,7 +38,7 @@ import stat
 import subprocess
 import time
 
-from unionfs.sys import mountinfo
+from unionfs.sys import libc, mountinfo
 
 from . import stack as stackmod
 from .workloads import Workload
@@ -266,17 +265,16 @@ def build(params=PARAMS, log=print, cache_root=stackmod.CACHE_ROOT):
 # ------------------------------------------------------------------ workloads
 
 def _private_mount_namespace():
-    """Give this (single-threaded, forked) workload process a mount namespace of its own."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(0x00020000) != 0:   # CLONE_NEWNS
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
-    _run(["mount", "--make-rprivate", "/"], "mount --make-rprivate /")
+    """Give this (single-threaded, forked) workload process a mount namespace
+    of its own, so that its binds go with it however it ends."""
+    libc.unshare(libc.CLONE_NEWNS)
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
 
 
 def _bind(src, dst, read_only=False):
-    _run(["mount", "--bind", src, dst], f"mount --bind {src}")
+    libc.mount(src, dst, None, libc.MS_BIND)
     if read_only:
-        _run(["mount", "-o", "remount,bind,ro", dst], f"remount ro {dst}")
+        libc.mount(None, dst, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY)
 
 
 def _chroot(ctx, script):
