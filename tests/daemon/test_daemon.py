@@ -32,6 +32,8 @@ def mount(daemon, s, **kw):
 
 
 def test_a_mount_through_the_daemon_is_served_by_a_pooled_server(daemon, layers):
+    # the pool fills after the socket is up: take the snapshot once it is full
+    wait_for(lambda: len(daemon.pooled_pids()) >= daemon.pool, what="the pool")
     pooled = daemon.pooled_pids()
     mount(daemon, layers)
     assert (layers.mnt / "f").read_text() == "lower f\n"
